@@ -1,0 +1,436 @@
+"""Pruning masks: Han et al.'s ``q * std`` rule, target sparsity, applying and summarising masks.
+
+A mask tree has exactly the structure of the params tree it was made from. Every array leaf gets a
+boolean array of its own shape (``True`` = connection kept); leaves that are not prunable get an
+all-``True`` mask, non-array leaves the Python value ``True``. So ``jax.tree.map(f, params, masks)``
+always works, for Flax Linen dicts and NNX states alike.
+
+Which leaves are prunable is decided by ``where(path, leaf)``; the default
+(:func:`jaxprune._tree.default_where`) takes floating-point arrays with ``ndim >= 2`` (Dense and Conv
+kernels, embeddings) and never biases, norm scales, integer leaves or non-array leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._tree import (
+    PyTree,
+    Where,
+    check_like,
+    default_where,
+    is_array,
+    leaves_with_paths,
+    path_str,
+)
+
+QSpec = Any  # a scalar (possibly traced) or a mapping from path / path pattern to a scalar
+
+
+def _is_traced(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _prunable_paths(params: PyTree, where: Where | None) -> dict[str, bool]:
+    """Maps each leaf path to whether it is pruned, validating what ``where`` selected."""
+    where = default_where if where is None else where
+    entries = leaves_with_paths(params)
+    selected: dict[str, bool] = {}
+    for path, leaf in entries:
+        chosen = bool(where(path, leaf))
+        if chosen and not (is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)):
+            kind = f"dtype {leaf.dtype}" if is_array(leaf) else f"type {type(leaf).__name__}"
+            raise TypeError(
+                f"params[{path!r}] was selected for pruning by `where` but has {kind}; "
+                "only floating-point arrays can be pruned. Make `where` return False for it."
+            )
+        selected[path] = chosen
+    if not any(selected.values()):
+        shown = [f"{p} {getattr(leaf, 'shape', type(leaf).__name__)}" for p, leaf in entries[:8]]
+        raise ValueError(
+            "params has no prunable leaf: the default rule prunes floating-point arrays with "
+            f"ndim >= 2 (kernels), and the leaves are {shown}. Pass `where=` to choose leaves."
+        )
+    return selected
+
+
+def _check_finite(params: PyTree, prunable: Mapping[str, bool]) -> None:
+    for path, leaf in leaves_with_paths(params):
+        if prunable[path] and not _is_traced(leaf) and not bool(jnp.isfinite(leaf).all()):
+            raise ValueError(
+                f"params[{path!r}] contains NaN or inf; pruning thresholds would be meaningless. "
+                "Fix the weights (e.g. a diverged training run) before computing masks."
+            )
+
+
+def _check_scalar(value: Any, *, name: str, low: float, high: float, closed_high: bool) -> None:
+    """Validates a concrete scalar option eagerly; traced values are taken as given."""
+    if _is_traced(value):
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got a traced array of shape {value.shape}.")
+        return
+    if isinstance(value, bool) or not isinstance(
+        value, (int, float, np.number, np.ndarray, jax.Array)
+    ):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}.")
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}.")
+    v = float(value)
+    inside = low <= v and (v <= high if closed_high else v < high)
+    if not inside:
+        bound = f"[{low}, {high}]" if closed_high else f"[{low}, {high})"
+        raise ValueError(f"{name} must be finite and in {bound}, got {value!r}.")
+
+
+def _layer_of(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else path
+
+
+def _q_per_leaf(q: QSpec, prunable_paths: list[str]) -> dict[str, Any]:
+    """Resolves ``q`` to one value per prunable leaf path (leaves absent from a mapping are skipped).
+
+    A mapping key names a leaf path (``'Dense_0/kernel'``), a layer path (``'Dense_0'``), or an
+    ``fnmatch`` pattern over either (``'Conv_*'``). An exact name wins over a pattern; two patterns
+    that both match one leaf are ambiguous and rejected.
+    """
+    if not isinstance(q, Mapping):
+        _check_scalar(q, name="q", low=0.0, high=math.inf, closed_high=False)
+        return dict.fromkeys(prunable_paths, q)
+    for key, value in q.items():
+        _check_scalar(value, name=f"q[{key!r}]", low=0.0, high=math.inf, closed_high=False)
+    resolved: dict[str, Any] = {}
+    used: set[str] = set()
+    for path in prunable_paths:
+        names = (path, _layer_of(path))
+        exact = [k for k in q if k in names]
+        if exact:
+            key = path if path in exact else exact[0]
+        else:
+            globs = [k for k in q if any(fnmatch.fnmatchcase(n, k) for n in names)]
+            if len(globs) > 1:
+                raise ValueError(
+                    f"q has several patterns {globs} matching {path!r}; name the leaf or layer "
+                    "exactly to say which q applies."
+                )
+            if not globs:
+                continue
+            key = globs[0]
+        resolved[path] = q[key]
+        used.add(key)
+    unused = [k for k in q if k not in used]
+    if unused:
+        raise ValueError(
+            f"q names {unused}, which match no prunable leaf or layer; prunable leaves are "
+            f"{prunable_paths}."
+        )
+    return resolved
+
+
+def _leafwise(fn, params: PyTree, previous: PyTree | None) -> PyTree:
+    """Maps ``fn(path, leaf, prev)`` over params, with ``prev`` None when there is no previous."""
+    if previous is None:
+        return jax.tree_util.tree_map_with_path(lambda kp, x: fn(path_str(kp), x, None), params)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x, m: fn(path_str(kp), x, m), params, previous
+    )
+
+
+def _keep_all(leaf: Any, prev: Any) -> Any:
+    if not is_array(leaf):
+        return True
+    full = jnp.ones(leaf.shape, dtype=bool)
+    return full if prev is None else full & jnp.asarray(prev, dtype=bool)
+
+
+def _prepare(params, previous, where) -> dict[str, bool]:
+    prunable = _prunable_paths(params, where)
+    if previous is not None:
+        check_like(params, previous, name="previous")
+    _check_finite(params, prunable)
+    return prunable
+
+
+def compute_masks(
+    params: PyTree, q: QSpec, *, previous: PyTree | None = None, where: Where | None = None
+) -> PyTree:
+    """Computes pruning masks with Han et al.'s rule: keep ``|w| >= q * std(layer)``.
+
+    Han et al. 2015 (Sec. 3) prune, in each layer, the connections whose magnitude is below a quality
+    parameter ``q`` times the standard deviation of the layer's weights.
+
+    The std is taken over **all** entries of the layer, with connections already pruned by
+    ``previous`` counted as zeros, i.e. the std of the layer's weight matrix as it stands. Taking it
+    over the survivors only would raise the threshold every round (the small weights are gone, so the
+    spread of what remains grows) and the same ``q`` would cut deeper and deeper: iterative pruning
+    would over-prune. With the std over the whole matrix, a fixed ``q`` settles, and a rising ``q``
+    schedule controls how much each round removes.
+
+    Args:
+      params: a pytree of parameters (a Linen ``variables['params']`` dict, an NNX
+        ``nnx.state(model, nnx.Param)``, or any pytree).
+      q: the quality parameter, ``>= 0``. A scalar (it may be traced: under ``jax.jit`` a new
+        ``q`` does not recompile), or a mapping from a leaf path (``'Dense_0/kernel'``), a layer
+        path (``'Dense_0'``) or an ``fnmatch`` pattern (``'Conv_*'``) to a scalar. Exact names win
+        over patterns. Prunable leaves that a mapping does not name are not pruned by this call.
+      previous: masks from an earlier round; a pruned connection stays pruned (the new mask is
+        and-ed with it).
+      where: ``where(path, leaf) -> bool`` choosing the prunable leaves; default: floating-point
+        arrays with ``ndim >= 2``.
+
+    Returns:
+      A mask tree with the structure of ``params``: a boolean array of the leaf's shape for each
+      array leaf (all ``True`` where the leaf is not pruned), ``True`` for non-array leaves.
+
+    Raises:
+      ValueError: on a negative or non-finite ``q``, a ``q`` key matching no prunable leaf,
+        ``previous`` not matching ``params``, NaN or inf in a prunable weight, or no prunable leaf.
+      TypeError: if ``where`` selects a leaf that is not a floating-point array.
+
+    >>> import numpy as np
+    >>> params = {'Dense_0': {'kernel': np.array([[0.1, -2.0], [3.0, 0.0]]), 'bias': np.ones(2)}}
+    >>> masks = compute_masks(params, 0.5)
+    >>> masks['Dense_0']['kernel'].tolist(), masks['Dense_0']['bias'].tolist()
+    ([[False, True], [True, False]], [True, True])
+    """
+    prunable = _prepare(params, previous, where)
+    q_of = _q_per_leaf(q, [p for p, chosen in prunable.items() if chosen])
+
+    def one(path: str, leaf: Any, prev: Any) -> Any:
+        if path not in q_of:
+            return _keep_all(leaf, prev)
+        w = jnp.asarray(leaf).astype(jnp.float32)
+        if prev is not None:
+            prev = jnp.asarray(prev, dtype=bool)
+            w = jnp.where(prev, w, 0.0)
+        threshold = jnp.asarray(q_of[path], dtype=jnp.float32) * jnp.std(w)
+        keep = jnp.abs(w) >= threshold
+        return keep if prev is None else keep & prev
+
+    return _leafwise(one, params, previous)
+
+
+def _pruned_count(sparsity: Any, n: int) -> Any:
+    # Round half up; exact in Python for a concrete sparsity, float32 when traced.
+    if _is_traced(sparsity):
+        return jnp.floor(sparsity * n + 0.5).astype(jnp.int32)
+    return math.floor(float(sparsity) * n + 0.5)
+
+
+def _keep_largest(magnitudes: jax.Array, n_pruned: Any) -> jax.Array:
+    """Keeps all but the ``n_pruned`` smallest entries of a 1-D array; ties go to the lower index."""
+    order = jnp.argsort(magnitudes, stable=True)
+    ranks = jnp.zeros_like(order).at[order].set(jnp.arange(magnitudes.size, dtype=order.dtype))
+    return ranks >= n_pruned
+
+
+def masks_for_sparsity(
+    params: PyTree,
+    sparsity: Any,
+    *,
+    scope: str = "layer",
+    previous: PyTree | None = None,
+    where: Where | None = None,
+) -> PyTree:
+    """Masks that prune exactly a ``sparsity`` fraction of the smallest-magnitude weights.
+
+    The number pruned is ``floor(sparsity * n + 0.5)`` of the ``n`` weights in scope. Ties in
+    magnitude are broken by position: the earlier entry (in flattening order) is pruned first.
+    Connections already pruned by ``previous`` are pruned first and stay pruned; if they already
+    exceed the target, the result is ``previous`` itself.
+
+    Args:
+      params: a pytree of parameters.
+      sparsity: the fraction to prune, in ``[0, 1)`` (may be traced under ``jax.jit``).
+      scope: ``'layer'`` prunes that fraction of every prunable leaf; ``'global'`` ranks the
+        weights of all prunable leaves together, so sensitive layers can keep more.
+      previous: masks from an earlier round.
+      where: ``where(path, leaf) -> bool`` choosing the prunable leaves.
+
+    Returns:
+      A mask tree like :func:`compute_masks`'s.
+
+    Raises:
+      ValueError: on ``sparsity`` outside ``[0, 1)``, an unknown ``scope``, ``previous`` not
+        matching ``params``, NaN or inf in a prunable weight, or no prunable leaf.
+
+    >>> import numpy as np
+    >>> params = {'w': np.array([[4.0, -1.0], [2.0, 3.0]]), 'v': np.array([[0.5, 5.0]])}
+    >>> masks_for_sparsity(params, 0.5)['w'].tolist()
+    [[True, False], [False, True]]
+    >>> m = masks_for_sparsity(params, 0.5, scope='global')
+    >>> m['v'].tolist(), m['w'].tolist()
+    ([[False, True]], [[True, False], [False, True]])
+    """
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+    _check_scalar(sparsity, name="sparsity", low=0.0, high=1.0, closed_high=False)
+    prunable = _prepare(params, previous, where)
+    prev_of = dict(leaves_with_paths(previous)) if previous is not None else {}
+
+    def magnitudes(path: str, leaf: Any) -> jax.Array:
+        m = jnp.abs(jnp.asarray(leaf).astype(jnp.float32)).ravel()
+        if path in prev_of:  # already pruned: rank below every live weight
+            m = jnp.where(jnp.asarray(prev_of[path], dtype=bool).ravel(), m, -1.0)
+        return m
+
+    chosen = [(p, leaf) for p, leaf in leaves_with_paths(params) if prunable[p]]
+    if scope == "layer":
+        keep_of = {
+            p: _keep_largest(magnitudes(p, leaf), _pruned_count(sparsity, leaf.size))
+            for p, leaf in chosen
+        }
+    else:
+        flat = jnp.concatenate([magnitudes(p, leaf) for p, leaf in chosen])
+        keep = _keep_largest(flat, _pruned_count(sparsity, flat.size))
+        splits = np.cumsum([leaf.size for _, leaf in chosen])[:-1]
+        keep_of = {p: k for (p, _), k in zip(chosen, jnp.split(keep, splits), strict=True)}
+
+    def one(path: str, leaf: Any, prev: Any) -> Any:
+        if path not in keep_of:
+            return _keep_all(leaf, prev)
+        keep = keep_of[path].reshape(leaf.shape)
+        return keep if prev is None else keep & jnp.asarray(prev, dtype=bool)
+
+    return _leafwise(one, params, previous)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Returns new params with the pruned entries set to exactly zero.
+
+    Floating-point array leaves are multiplied out by their masks (``jnp.where``, so ``-0.0`` and
+    NaN do not leak through); other leaves (integers, non-arrays) are returned as they are. The
+    input is not modified.
+
+    Args:
+      params: a pytree of parameters.
+      masks: a mask tree matching ``params`` (see :func:`compute_masks`).
+
+    Returns:
+      A new pytree with the structure of ``params``.
+
+    Raises:
+      ValueError: if ``masks`` does not match ``params`` in structure or leaf shapes.
+
+    >>> import numpy as np
+    >>> apply_masks({'w': np.array([[1.0, 2.0]])}, {'w': np.array([[True, False]])})['w'].tolist()
+    [[1.0, 0.0]]
+    """
+    check_like(params, masks, name="masks")
+
+    def one(leaf: Any, mask: Any) -> Any:
+        if not (is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)):
+            return leaf
+        leaf = jnp.asarray(leaf)
+        return jnp.where(jnp.asarray(mask, dtype=bool), leaf, jnp.zeros((), leaf.dtype))
+
+    return jax.tree.map(one, params, masks)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSummary:
+    """One row of :class:`Summary`: a prunable leaf and how much of it is kept."""
+
+    path: str
+    shape: tuple[int, ...]
+    total: int
+    kept: int
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.total if self.total else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Per-layer and total counts of kept connections; ``str()`` renders a table."""
+
+    rows: tuple[LayerSummary, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(r.total for r in self.rows)
+
+    @property
+    def kept(self) -> int:
+        return sum(r.kept for r in self.rows)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.total if self.total else 1.0
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "weights", "kept", "kept %")
+        lines = [
+            (
+                r.path,
+                "x".join(map(str, r.shape)),
+                f"{r.total:,}",
+                f"{r.kept:,}",
+                f"{100 * r.kept_fraction:.2f}%",
+            )
+            for r in self.rows
+        ]
+        ratio = f"{self.total / self.kept:.1f}x fewer" if self.kept else "all pruned"
+        lines.append(
+            (
+                "total",
+                "",
+                f"{self.total:,}",
+                f"{self.kept:,}",
+                f"{100 * self.kept_fraction:.2f}% ({ratio})",
+            )
+        )
+        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(5)]
+
+        def fmt(row):
+            return "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+
+        rule = "-" * len(fmt(header))
+        return "\n".join([fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
+
+
+def summarize(params: PyTree, masks: PyTree, *, where: Where | None = None) -> Summary:
+    """Counts the kept connections of each prunable leaf (Han et al. 2015, Table 2 style).
+
+    Rows cover the leaves that ``where`` selects (default: floating arrays with ``ndim >= 2``)
+    and any other leaf whose mask prunes something.
+
+    Args:
+      params: a pytree of parameters.
+      masks: a mask tree matching ``params``.
+      where: ``where(path, leaf) -> bool`` choosing the rows; default as in :func:`compute_masks`.
+
+    Returns:
+      A :class:`Summary`; ``summary.rows``, ``summary.total``, ``summary.kept``, ``str(summary)``.
+
+    Raises:
+      ValueError: if ``masks`` does not match ``params``.
+
+    >>> import numpy as np
+    >>> s = summarize({'w': np.ones((2, 2))}, {'w': np.array([[True, False], [False, False]])})
+    >>> s.kept, s.total, s.rows[0].kept_fraction
+    (1, 4, 0.25)
+    """
+    check_like(params, masks, name="masks")
+    where = default_where if where is None else where
+    mask_of = dict(leaves_with_paths(masks))
+    rows = []
+    for path, leaf in leaves_with_paths(params):
+        if not is_array(leaf):
+            continue
+        mask = np.asarray(mask_of[path], dtype=bool)
+        kept = int(np.broadcast_to(mask, leaf.shape).sum())
+        if where(path, leaf) or kept < leaf.size:
+            rows.append(LayerSummary(path, tuple(leaf.shape), int(leaf.size), kept))
+    return Summary(tuple(rows))
