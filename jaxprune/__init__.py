@@ -8,12 +8,19 @@ from jaxprune.masks import (
     masks_for_sparsity,
     summarize,
 )
+from jaxprune.storage import FORMAT_VERSION, FileFormatError, LeafReport, SaveReport, load, save
 
 __all__ = [
+    "FORMAT_VERSION",
+    "FileFormatError",
     "LayerSummary",
+    "LeafReport",
+    "SaveReport",
     "Summary",
     "apply_masks",
     "compute_masks",
+    "load",
     "masks_for_sparsity",
+    "save",
     "summarize",
 ]

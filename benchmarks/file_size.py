@@ -1,0 +1,147 @@
+"""Bytes on disk of pruned LeNets: dense .npz, BCOO with int32 indices, and jaxprune.storage files.
+
+Weights are random (no training): magnitude-pruned per layer to the kept fractions Han et al. 2015
+report (Table 2 for LeNet-300-100, Table 3 for LeNet-5). Two weight distributions: uniform
+("random magnitudes") and Gaussian with std sqrt(2 / fan_in) (closer to trained weights). Ratios
+are dense .npz bytes / file bytes, so higher is better.
+
+Usage: python benchmarks/file_size.py [--quick] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import numpy as np
+from jax.experimental.sparse import BCOO
+
+from jaxprune.storage import load, save
+
+# (name, kernel shape, kept fraction); biases have the kernel's last dimension.
+LENET_300_100 = [("fc1", (784, 300), 0.08), ("fc2", (300, 100), 0.09), ("fc3", (100, 10), 0.26)]
+LENET_5 = [
+    ("conv1", (5, 5, 1, 20), 0.66),
+    ("conv2", (5, 5, 20, 50), 0.12),
+    ("fc1", (800, 500), 0.08),
+    ("fc2", (500, 10), 0.19),
+]
+
+
+def make_weights(layers, distribution: str, rng: np.random.Generator) -> dict:
+    params = {}
+    for name, shape, _ in layers:
+        fan_in = int(np.prod(shape[:-1]))
+        if distribution == "uniform":
+            kernel = rng.uniform(-1.0, 1.0, shape)
+        else:
+            kernel = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        bias = rng.normal(0.0, 0.01, shape[-1])
+        params[name] = {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
+    return params
+
+
+def prune(params: dict, layers) -> dict:
+    """Keeps the largest-magnitude fraction of each kernel, exactly as many as asked."""
+    pruned = {}
+    for name, shape, kept in layers:
+        kernel = params[name]["kernel"]
+        n_keep = round(kept * kernel.size)
+        order = np.argsort(np.abs(kernel).ravel())[::-1]
+        mask = np.zeros(kernel.size, bool)
+        mask[order[:n_keep]] = True
+        pruned[name] = {"kernel": kernel * mask.reshape(shape), "bias": params[name]["bias"]}
+    return pruned
+
+
+def npz_bytes(directory: str, name: str, arrays: dict) -> int:
+    path = os.path.join(directory, name + ".npz")
+    np.savez(path, **arrays)
+    return os.path.getsize(path)
+
+
+def to_bcoo(kernel: np.ndarray) -> BCOO:
+    # Built from numpy: eager BCOO.fromdense compiles per shape and takes seconds here.
+    indices = np.argwhere(kernel != 0).astype(np.int32)
+    return BCOO((kernel[tuple(indices.T)], indices), shape=kernel.shape, indices_sorted=True)
+
+
+def dense_of(matrix: BCOO) -> np.ndarray:
+    out = np.zeros(matrix.shape, np.float32)
+    out[tuple(np.asarray(matrix.indices).T)] = np.asarray(matrix.data)
+    return out
+
+
+def bcoo_tree(pruned: dict) -> dict:
+    return {
+        name: {"kernel": to_bcoo(layer["kernel"]), "bias": layer["bias"]}
+        for name, layer in pruned.items()
+    }
+
+
+def report(model: str, layers, distribution: str, *, quick: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pruned = prune(make_weights(layers, distribution, rng), layers)
+    sparse = bcoo_tree(pruned)
+    with tempfile.TemporaryDirectory() as d:
+        dense = npz_bytes(
+            d, "dense", {f"{n}_{k}": v for n, layer in pruned.items() for k, v in layer.items()}
+        )
+        bcoo_arrays = {}
+        for name, layer in sparse.items():
+            bcoo_arrays[f"{name}_data"] = np.asarray(layer["kernel"].data)
+            bcoo_arrays[f"{name}_indices"] = np.asarray(layer["kernel"].indices)
+            bcoo_arrays[f"{name}_bias"] = layer["bias"]
+        rows = [
+            ("dense float32 .npz", dense, "", 0.0),
+            ("BCOO int32 .npz", npz_bytes(d, "bcoo", bcoo_arrays), "", 0.0),
+        ]
+
+        def ours(label: str, **options) -> None:
+            path = os.path.join(d, "model.jxp")
+            r = save(path, sparse, **options)
+            loaded = load(path)
+            for name in sparse:  # check the file really holds the model
+                got = dense_of(loaded[name]["kernel"])
+                want = pruned[name]["kernel"]
+                error = float(np.max(np.abs(got - want)))
+                assert error <= r.max_abs_error, (label, name, error, r.max_abs_error)
+            encodings = ",".join(x.index_encoding for x in r.leaves if x.kind == "bcoo")
+            rows.append((label, r.nbytes, encodings, r.max_abs_error))
+
+        ours("jaxprune auto (exact)")
+        if not quick:
+            ours("jaxprune bitmask, raw", index="bitmask", compress=False)
+            ours("jaxprune delta, raw", index="delta", compress=False)
+            ours("jaxprune bitmask, compressed", index="bitmask")
+            ours("jaxprune delta, compressed", index="delta")
+            ours("jaxprune float16", values="float16")
+            ours("jaxprune shared 8-bit", values="shared", bits=8)
+        ours("jaxprune shared 5-bit", values="shared", bits=5)
+
+    kept = sum(round(k * np.prod(s)) for _, s, k in layers)
+    total = sum(int(np.prod(s)) for _, s, _ in layers)
+    print(f"\n{model}, {distribution} weights, {kept}/{total} weights kept ({kept / total:.1%})")
+    print(f"{'file':<30} {'bytes':>9} {'dense/file':>10} {'max abs error':>14}  index per layer")
+    for label, nbytes, encodings, error in rows:
+        print(f"{label:<30} {nbytes:>9} {dense / nbytes:>9.2f}x {error:>14.3g}  {encodings}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="LeNet-300-100, Gaussian, 2 files")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    models = [("LeNet-300-100", LENET_300_100)]
+    distributions = ["gaussian"]
+    if not args.quick:
+        models.append(("LeNet-5", LENET_5))
+        distributions.insert(0, "uniform")
+    for model, layers in models:
+        for distribution in distributions:
+            report(model, layers, distribution, quick=args.quick, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

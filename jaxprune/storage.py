@@ -1,0 +1,773 @@
+"""Compact model files: save and load pruned (BCOO) or dense parameter trees.
+
+A file holds a fixed header, a JSON manifest, a payload of byte streams, and a CRC-32 of everything
+before it::
+
+    b"JAXPRUNE" | version u16 | manifest length u32 | payload length u64
+    | manifest (JSON) | payload | crc32 of all before
+
+All integers are little-endian. The manifest records the tree structure, and for every leaf its
+dtype, shape and streams; a stream is split into byte planes (byte i of every item), each stored
+raw, zlib or lzma, whichever is smallest, at a recorded offset. Each BCOO leaf stores the positions
+it keeps (a bitmask over the dense shape or the gaps between kept positions, whichever is smaller
+for that layer) and its values, bit-exact unless a lossy mode is asked for. No pickle: loading an
+untrusted file can at worst raise an error.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.experimental.sparse import BCOO
+
+__all__ = ["FORMAT_VERSION", "FileFormatError", "LeafReport", "SaveReport", "load", "save"]
+
+FORMAT_VERSION = 1
+"""The newest file format version this module writes and reads."""
+
+_MAGIC = b"JAXPRUNE"
+_HEADER = struct.Struct("<8sHIQ")  # magic, version, manifest length, payload length
+_CRC = struct.Struct("<I")
+_VALUE_MODES = ("exact", "float16", "shared")
+_INDEX_MODES = ("auto", "bitmask", "delta")
+# lc=lp=pb=0: the streams here are byte planes and gap tokens, which have no use for the literal
+# context bits that help lzma on text; measured a few percent smaller on pruned LeNet layers.
+_LZMA_OPTIONS = {"id": lzma.FILTER_LZMA2, "preset": 6, "lc": 0, "lp": 0, "pb": 0}
+_LZMA_MAX_DICT = 1 << 23  # preset 6's dictionary
+_CHUNK = 1 << 20
+
+
+class FileFormatError(ValueError):
+    """A file that is not a readable jaxprune model: other format, newer, truncated, corrupted."""
+
+
+class LeafReport(NamedTuple):
+    """How one leaf was stored by :func:`save`.
+
+    Attributes:
+      path: the leaf's path, e.g. ``'Dense_0/kernel'``.
+      kind: ``'bcoo'`` or ``'dense'``.
+      shape: the (dense) shape.
+      nnz: stored entries (all entries for a dense leaf).
+      index_encoding: ``'bitmask'``, ``'delta8'`` or ``'delta16'`` for a BCOO leaf, else ``''``.
+      value_encoding: ``'exact'``, ``'float16'`` or ``'shared<bits>'``.
+      nbytes: payload bytes of this leaf.
+      max_abs_error: largest absolute change of a value (0.0 when stored exactly).
+    """
+
+    path: str
+    kind: str
+    shape: tuple[int, ...]
+    nnz: int
+    index_encoding: str
+    value_encoding: str
+    nbytes: int
+    max_abs_error: float
+
+
+class SaveReport(NamedTuple):
+    """What :func:`save` wrote.
+
+    Attributes:
+      path: the file written.
+      nbytes: its size in bytes.
+      max_abs_error: largest absolute change of any value (0.0 in the default exact mode).
+      leaves: one :class:`LeafReport` per leaf, in tree order.
+    """
+
+    path: str
+    nbytes: int
+    max_abs_error: float
+    leaves: tuple[LeafReport, ...]
+
+    def __str__(self) -> str:
+        lines = [f"{'path':<28} {'kind':<5} {'nnz':>9} {'index':<8} {'values':<8} {'bytes':>9}"]
+        for r in self.leaves:
+            lines.append(
+                f"{r.path:<28} {r.kind:<5} {r.nnz:>9} {r.index_encoding:<8} "
+                f"{r.value_encoding:<8} {r.nbytes:>9}"
+            )
+        lines.append(f"total {self.nbytes} bytes, max abs error {self.max_abs_error:.3g}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- byte streams
+
+
+def _pack(arr: np.ndarray, *, compress: bool) -> tuple[dict[str, Any], list[bytes]]:
+    """A stream as byte planes, each stored raw, zlib or lzma, whichever is smallest.
+
+    With ``compress``, an array of k-byte items is split into k planes (byte i of every item):
+    the sign/exponent plane of weights that survived magnitude pruning spans few values and
+    compresses well, while low mantissa planes are noise and are stored raw untried.
+    """
+    raw = np.ascontiguousarray(arr).tobytes()
+    planes = arr.dtype.itemsize if compress and raw else 1
+    data = np.frombuffer(raw, np.uint8).reshape(-1, planes).T if raw else [raw]
+    parts = [_smallest(bytes(plane), compress=compress) for plane in data]
+    entry = {"planes": planes, "raw_length": len(raw), "parts": [[c, len(p)] for c, p in parts]}
+    return entry, [p for _, p in parts]
+
+
+def _smallest(data: bytes, *, compress: bool) -> tuple[str, bytes]:
+    if not compress or not data or _looks_random(data):
+        return "raw", data
+    return min(
+        (("raw", data), ("zlib", _zlib(data)), ("lzma", _lzma(data))), key=lambda c: len(c[1])
+    )
+
+
+def _looks_random(data: bytes) -> bool:
+    # Trying lzma on a large plane of uniform noise takes seconds and gains nothing.
+    if len(data) < 1 << 16:
+        return False
+    p = np.bincount(np.frombuffer(data, np.uint8), minlength=256) / len(data)
+    return float(-np.sum(p[p > 0] * np.log2(p[p > 0]))) > 7.9
+
+
+class _Payload:
+    """The concatenated streams of a file; each entry records where its parts lie."""
+
+    def __init__(self, *, compress: bool):
+        self.compress = compress
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def append(self, entry: dict[str, Any], packed: list[bytes]) -> dict[str, Any]:
+        parts = []
+        for (codec, length), data in zip(entry["parts"], packed, strict=True):
+            parts.append([codec, self.size, length])
+            self.parts.append(data)
+            self.size += length
+        return {**entry, "parts": parts}
+
+    def add(self, arr: np.ndarray) -> dict[str, Any]:
+        return self.append(*_pack(arr, compress=self.compress))
+
+
+def _zlib(data: bytes) -> bytes:
+    co = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate: the file has its own checksum
+    return co.compress(data) + co.flush()
+
+
+def _lzma_filters(raw_length: int) -> list[dict[str, Any]]:
+    # A dictionary no larger than the stream: a full 8 MiB one costs ~30 ms to set up per small
+    # stream. The decoder derives the same size from the stored raw length.
+    dict_size = min(_LZMA_MAX_DICT, max(4096, 1 << (raw_length - 1).bit_length()))
+    return [{**_LZMA_OPTIONS, "dict_size": dict_size}]
+
+
+def _lzma(data: bytes) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_lzma_filters(len(data)))
+
+
+def _read_stream(
+    payload: bytes, entry: Mapping[str, Any], dtype: np.dtype, where: str
+) -> np.ndarray:
+    try:
+        planes, raw_length = int(entry["planes"]), int(entry["raw_length"])
+        parts = [(str(c), int(o), int(n)) for c, o, n in entry["parts"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"bad stream entry for leaf '{where}': {entry!r}") from e
+    if planes not in (1, dtype.itemsize) or len(parts) != planes or raw_length % dtype.itemsize:
+        raise FileFormatError(f"bad stream layout for leaf '{where}': {entry!r}")
+    plane_length = raw_length // planes
+    data = [_read_part(payload, *part, plane_length, where) for part in parts]
+    out = np.frombuffer(b"".join(data), np.uint8).reshape(planes, -1).T.tobytes()
+    return np.frombuffer(out, dtype).copy()
+
+
+def _read_part(payload: bytes, codec: str, offset: int, length: int, raw_length: int, where: str):
+    if offset < 0 or length < 0 or offset + length > len(payload):
+        raise FileFormatError(f"stream of leaf '{where}' lies outside the payload")
+    data = payload[offset : offset + length]
+    try:
+        if codec == "zlib":
+            data = zlib.decompressobj(-15).decompress(data, raw_length)
+        elif codec == "lzma":
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_lzma_filters(raw_length))
+            data = d.decompress(data, max_length=raw_length)
+        elif codec != "raw":
+            raise FileFormatError(f"unknown codec {codec!r} for leaf '{where}'")
+    except (zlib.error, lzma.LZMAError) as e:
+        raise FileFormatError(f"stream of leaf '{where}' does not decompress: {e}") from e
+    if len(data) != raw_length:
+        raise FileFormatError(
+            f"stream of leaf '{where}' has {len(data)} bytes, expected {raw_length}; file corrupted"
+        )
+    return data
+
+
+# ----------------------------------------------------------------------------- index encodings
+
+
+def _gap_tokens(flat: np.ndarray, dtype: type) -> np.ndarray:
+    """Gaps between kept flat positions as fixed-width tokens; the top value means 'add it, go on'.
+
+    Deep Compression (Han et al. 2016, Sec. 2) stores relative indices with filler entries for
+    large gaps; an escape token does the same without storing a fake weight.
+    """
+    top = np.iinfo(dtype).max
+    gaps = np.diff(flat, prepend=-1) - 1
+    escapes = gaps // top
+    ends = np.cumsum(escapes + 1) - 1
+    tokens = np.full(int(ends[-1]) + 1 if flat.size else 0, top, dtype)
+    tokens[ends] = gaps % top
+    return tokens
+
+
+def _gaps_to_flat(tokens: np.ndarray, nnz: int, size: int, where: str) -> np.ndarray:
+    top = np.iinfo(tokens.dtype).max
+    ends = np.flatnonzero(tokens != top)
+    if ends.size != nnz or (tokens.size and tokens[-1] == top):
+        raise FileFormatError(f"index stream of leaf '{where}' is malformed; file corrupted")
+    totals = np.cumsum(tokens, dtype=np.int64)[ends]
+    gaps = np.diff(totals, prepend=0)
+    flat = np.cumsum(gaps + 1) - 1
+    if flat.size and flat[-1] >= size:
+        raise FileFormatError(f"index stream of leaf '{where}' points outside its shape")
+    return flat
+
+
+def _encode_index(flat: np.ndarray, size: int, mode: str, payload: _Payload) -> dict[str, Any]:
+    candidates = []
+    if mode in ("auto", "bitmask"):
+        mask = np.zeros(size, bool)
+        mask[flat] = True
+        candidates.append(("bitmask", np.packbits(mask, bitorder="little")))
+    if mode in ("auto", "delta"):
+        # Of the two token widths, the one with fewer raw bytes: uint16 wins only when gaps of
+        # 255 or more are common, i.e. at very low density.
+        tokens8, tokens16 = _gap_tokens(flat, np.uint8), _gap_tokens(flat, np.uint16)
+        if tokens8.nbytes <= tokens16.nbytes:
+            candidates.append(("delta8", tokens8))
+        else:
+            candidates.append(("delta16", tokens16))
+    packed = [(name, *_pack(arr, compress=payload.compress)) for name, arr in candidates]
+    name, entry, data = min(packed, key=lambda c: sum(map(len, c[2])))
+    return {"encoding": name, "stream": payload.append(entry, data)}
+
+
+def _decode_index(payload: bytes, entry: Mapping[str, Any], nnz: int, size: int, where: str):
+    encoding = entry.get("encoding")
+    if encoding == "bitmask":
+        bits = _read_stream(payload, entry["stream"], np.dtype(np.uint8), where)
+        if bits.size != (size + 7) // 8:
+            raise FileFormatError(f"bitmask of leaf '{where}' has the wrong length")
+        flat = np.flatnonzero(np.unpackbits(bits, count=size, bitorder="little"))
+        if flat.size != nnz:
+            raise FileFormatError(f"bitmask of leaf '{where}' has {flat.size} bits set, not {nnz}")
+        return flat
+    if encoding in ("delta8", "delta16"):
+        dtype = np.dtype(np.uint8 if encoding == "delta8" else np.uint16)
+        return _gaps_to_flat(_read_stream(payload, entry["stream"], dtype, where), nnz, size, where)
+    raise FileFormatError(f"unknown index encoding {encoding!r} for leaf '{where}'")
+
+
+# ----------------------------------------------------------------------------- value encodings
+
+
+def _kmeans_1d(values: np.ndarray, k: int) -> np.ndarray:
+    """Lloyd's k-means on a line with linearly spaced initial centroids (Han et al. 2016, Sec. 3.2:
+    linear initialisation keeps the rare large weights, which matter most, representable)."""
+    v = values.astype(np.float64)
+    uniq = np.unique(v)
+    if uniq.size <= k:
+        return uniq
+    centroids = np.linspace(v.min(), v.max(), k)
+    for _ in range(50):
+        codes = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, v)
+        counts = np.bincount(codes, minlength=k)
+        sums = np.bincount(codes, weights=v, minlength=k)
+        new = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), centroids))
+        if np.array_equal(new, centroids):
+            break
+        centroids = new
+    return centroids
+
+
+def _nearest(codebook: np.ndarray, values: np.ndarray) -> np.ndarray:
+    mids = (codebook[1:].astype(np.float64) + codebook[:-1]) / 2
+    return np.searchsorted(mids, values.astype(np.float64)).astype(np.uint8)
+
+
+def _encode_values(
+    values: np.ndarray, mode: str, bits: int, where: str, payload: _Payload
+) -> tuple[dict[str, Any], np.ndarray, str]:
+    """Returns (manifest entry, the values as they will load, the encoding's name)."""
+    if mode == "float16":
+        if np.any(np.abs(values[np.isfinite(values)]) > np.finfo(np.float16).max):
+            raise ValueError(
+                f"save(values='float16'): leaf '{where}' has values beyond float16's range "
+                f"(max {np.finfo(np.float16).max}); use values='exact' or 'shared' for it"
+            )
+        half = values.astype(np.float16)
+        return {"mode": "float16", "data": payload.add(half)}, half.astype(values.dtype), mode
+    if mode == "shared":
+        if not np.all(np.isfinite(values)):
+            raise ValueError(
+                f"save(values='shared'): leaf '{where}' has NaN or infinite values; expected "
+                "finite weights (use values='exact' for this tree)"
+            )
+        # Zeros get code 0 of their own and nonzeros never do, so the pruned weights of a dense
+        # leaf stay exactly the pruned ones. The codebook is rounded to the leaf's dtype before
+        # codes are assigned, so each code points to the nearest value actually stored.
+        zero = values == 0
+        has_zero = int(zero.any())
+        shared = np.unique(_kmeans_1d(values[~zero], (1 << bits) - has_zero).astype(values.dtype))
+        codebook = np.concatenate([np.zeros(has_zero, values.dtype), shared])
+        codes = np.zeros(values.size, np.uint8)
+        codes[~zero] = _nearest(shared, values[~zero]) + has_zero
+        packed = np.packbits(
+            np.unpackbits(codes[:, None], axis=1, count=bits, bitorder="little"),
+            bitorder="little",
+        )
+        entry = {
+            "mode": "shared",
+            "bits": bits,
+            "codebook_size": int(codebook.size),
+            "codebook": payload.add(codebook),
+            "codes": payload.add(packed),
+        }
+        return entry, codebook[codes] if codebook.size else values, f"shared{bits}"
+    return {"mode": "exact", "data": payload.add(values)}, values, "exact"
+
+
+def _decode_values(payload: bytes, entry: Mapping[str, Any], dtype, n: int, where: str):
+    mode = entry.get("mode")
+    if mode == "exact":
+        values = _read_stream(payload, entry["data"], dtype, where)
+    elif mode == "float16":
+        values = _read_stream(payload, entry["data"], np.dtype(np.float16), where).astype(dtype)
+    elif mode == "shared":
+        bits, size = int(entry["bits"]), int(entry["codebook_size"])
+        codebook = _read_stream(payload, entry["codebook"], dtype, where)
+        packed = _read_stream(payload, entry["codes"], np.dtype(np.uint8), where)
+        if not 1 <= bits <= 8 or codebook.size != size or packed.size != (n * bits + 7) // 8:
+            raise FileFormatError(f"shared-weight values of leaf '{where}' are malformed")
+        codes = np.packbits(
+            np.unpackbits(packed, count=n * bits, bitorder="little").reshape(n, bits),
+            axis=1,
+            bitorder="little",
+        ).ravel()
+        if n and (size == 0 or codes.max() >= size):
+            raise FileFormatError(f"shared-weight codes of leaf '{where}' exceed the codebook")
+        values = codebook[codes] if n else np.zeros(0, dtype)
+    else:
+        raise FileFormatError(f"unknown value mode {mode!r} for leaf '{where}'")
+    if values.size != n:
+        raise FileFormatError(f"leaf '{where}' has {values.size} values, expected {n}")
+    return values
+
+
+def _max_abs_error(original: np.ndarray, restored: np.ndarray) -> float:
+    if original is restored or original.size == 0:
+        return 0.0
+    a, b = original.astype(np.float64), restored.astype(np.float64)
+    # A NaN or infinite weight stored as itself has no error (inf - inf would say NaN).
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    with np.errstate(invalid="ignore"):
+        return float(np.max(np.where(same, 0.0, np.abs(a - b))))
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def _dtype_name(dtype: np.dtype, where: str) -> str:
+    if dtype.kind in "biufc" or hasattr(ml_dtypes, dtype.name):
+        return dtype.name
+    raise TypeError(
+        f"save: leaf '{where}' has dtype {dtype}; expected a numeric dtype "
+        "(bool, int, float, complex)"
+    )
+
+
+def _dtype_from_name(name: Any, where: str) -> np.dtype:
+    try:
+        dtype = np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+    except TypeError as e:
+        raise FileFormatError(f"unknown dtype {name!r} for leaf '{where}'") from e
+    if dtype.kind not in "biufc" and not hasattr(ml_dtypes, name):
+        raise FileFormatError(f"unsupported dtype {name!r} for leaf '{where}'")
+    return dtype.newbyteorder("<") if dtype.kind in "biufc" else dtype
+
+
+def _little_endian(arr: np.ndarray) -> np.ndarray:
+    return arr.astype(arr.dtype.newbyteorder("<")) if arr.dtype.kind in "biufc" else arr
+
+
+# ----------------------------------------------------------------------------- leaves
+
+
+def _lossy(mode: str, dtype: np.dtype, ndim: int) -> str:
+    # Lossy modes touch weights only (floating, ndim >= 2); biases and other small leaves stay
+    # exact, as in Deep Compression (Han et al. 2016).
+    return mode if jnp.issubdtype(dtype, jnp.floating) and ndim >= 2 else "exact"
+
+
+def _encode_bcoo(leaf: BCOO, where: str, opts: dict, payload: _Payload):
+    if leaf.n_batch or leaf.n_dense:
+        raise ValueError(
+            f"save: leaf '{where}' is a BCOO with n_batch={leaf.n_batch}, n_dense={leaf.n_dense}; "
+            "expected n_batch=0 and n_dense=0 (convert it with "
+            "jax.experimental.sparse.bcoo_update_layout(x, n_batch=0, n_dense=0))"
+        )
+    shape = tuple(int(d) for d in leaf.shape)
+    size = int(np.prod(shape, dtype=np.int64))
+    indices = np.asarray(leaf.indices).reshape(-1, len(shape))
+    data = np.asarray(leaf.data)
+    # BCOO pads with out-of-bounds indices; those entries stand for nothing and are dropped.
+    inside = np.all((indices >= 0) & (indices < np.asarray(shape, dtype=np.int64)), axis=1)
+    flat = np.ravel_multi_index(tuple(indices[inside].T), shape) if shape else np.zeros(0, int)
+    order = np.argsort(flat, kind="stable")
+    flat, values = flat[order].astype(np.int64), _little_endian(data[inside][order])
+    if flat.size and np.any(np.diff(flat) == 0):
+        raise ValueError(
+            f"save: leaf '{where}' is a BCOO with duplicate indices; expected unique indices "
+            "(call .sum_duplicates() on it first)"
+        )
+    index = _encode_index(flat, size, opts["index"], payload)
+    mode = _lossy(opts["values"], values.dtype, len(shape))
+    value_entry, restored, value_name = _encode_values(values, mode, opts["bits"], where, payload)
+    entry = {
+        "kind": "bcoo",
+        "shape": list(shape),
+        "dtype": _dtype_name(data.dtype, where),
+        "index_dtype": _dtype_name(np.asarray(leaf.indices).dtype, where),
+        "nnz": int(flat.size),
+        # Kept so the loaded BCOO has the same pytree structure (its aux data holds these flags).
+        "indices_sorted": bool(leaf.indices_sorted),
+        "unique_indices": bool(leaf.unique_indices),
+        "index": index,
+        "values": value_entry,
+    }
+    error = _max_abs_error(values, restored)
+    return entry, index["encoding"], value_name, int(flat.size), error
+
+
+def _encode_dense(leaf: Any, where: str, opts: dict, payload: _Payload):
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        raise TypeError(
+            f"save: leaf '{where}' is a PRNG key array; expected parameters only (for NNX, "
+            "save nnx.state(model, nnx.Param); or store jax.random.key_data(key))"
+        )
+    arr = np.asarray(leaf)
+    dtype = _dtype_name(arr.dtype, where)
+    values = _little_endian(arr).ravel()
+    mode = _lossy(opts["values"], arr.dtype, arr.ndim)
+    value_entry, restored, value_name = _encode_values(values, mode, opts["bits"], where, payload)
+    entry = {"kind": "dense", "shape": list(arr.shape), "dtype": dtype, "values": value_entry}
+    return entry, "", value_name, int(arr.size), _max_abs_error(values, restored)
+
+
+def _decode_leaf(payload: bytes, entry: Any, index: int):
+    if not isinstance(entry, dict):
+        raise FileFormatError(f"leaf {index} of the manifest is not an object")
+    where = str(entry.get("path", index))
+    try:
+        kind, shape = entry["kind"], tuple(int(d) for d in entry["shape"])
+        dtype = _dtype_from_name(entry["dtype"], where)
+        size = int(np.prod(shape, dtype=np.int64))
+        if kind == "dense":
+            values = _decode_values(payload, entry["values"], dtype, size, where).reshape(shape)
+        elif kind == "bcoo":
+            nnz = int(entry["nnz"])
+            flat = _decode_index(payload, entry["index"], nnz, size, where)
+            values = _decode_values(payload, entry["values"], dtype, nnz, where)
+            # Indices are only positions: any int dtype jax holds represents them.
+            index_dtype = jax.dtypes.canonicalize_dtype(
+                _dtype_from_name(entry["index_dtype"], where)
+            )
+            indices = np.stack(np.unravel_index(flat, shape), axis=1).astype(index_dtype)
+            flags = {k: entry[k] for k in ("indices_sorted", "unique_indices")}
+            if not all(isinstance(v, bool) for v in flags.values()):
+                raise FileFormatError(f"bad BCOO flags for leaf '{where}': {flags}")
+        else:
+            raise FileFormatError(f"unknown leaf kind {kind!r} for leaf '{where}'")
+    except FileFormatError:
+        raise
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"bad manifest entry for leaf '{where}': {e!r}") from e
+    exact = jax.dtypes.canonicalize_dtype(dtype) == dtype
+    if kind == "dense":
+        # Without jax_enable_x64, jax would cut a 64-bit leaf to 32 bits; numpy keeps it.
+        return jax.device_put(values) if exact else values
+    if not exact:
+        raise ValueError(
+            f"load: leaf '{where}' is a BCOO of {dtype} values, which jax holds only with "
+            "jax_enable_x64; enable it with jax.config.update('jax_enable_x64', True) to load it"
+        )
+    return BCOO(
+        (jax.device_put(values), jax.device_put(indices.reshape(nnz, len(shape)))),
+        shape=shape,
+        **flags,
+    )
+
+
+# ----------------------------------------------------------------------------- tree structure
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def _encode_node(node: Any, path: str, visit) -> dict[str, Any]:
+    """Manifest form of the tree: dicts (str/int keys), lists, tuples, None and leaves."""
+    if isinstance(node, nnx.Variable):
+        # An NNX Param & co. is stored as its value; load gives the pure nested dict.
+        return _encode_node(node.get_value(), path, visit)
+    if node is None:
+        return {"t": "none"}
+    if isinstance(node, (BCOO, jax.Array, np.ndarray, np.generic)):
+        return {"t": "leaf", "i": visit(node, path or "<root>")}
+    if isinstance(node, Mapping):
+        keys = list(node.keys())
+        for key in keys:
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise TypeError(
+                    f"save: key {key!r} under '{path or '<root>'}' is a {type(key).__name__}; "
+                    "expected str or int dict keys"
+                )
+        values = [_encode_node(node[k], _join(path, k), visit) for k in keys]
+        return {"t": "dict", "k": keys, "v": values}
+    if type(node) in (list, tuple):
+        values = [_encode_node(v, _join(path, i), visit) for i, v in enumerate(node)]
+        return {"t": type(node).__name__, "v": values}
+    raise TypeError(
+        f"save: leaf '{path or '<root>'}' is a {type(node).__name__}; expected a jax/numpy array, "
+        "a BCOO, None, or a dict/list/tuple of them"
+    )
+
+
+def _decode_node(node: Any, leaves: list, depth: int = 0) -> Any:
+    if depth > 1000 or not isinstance(node, dict):
+        raise FileFormatError("the manifest's tree structure is malformed")
+    kind = node.get("t")
+    if kind == "none":
+        return None
+    if kind == "leaf":
+        i = node.get("i")
+        if not isinstance(i, int) or not 0 <= i < len(leaves):
+            raise FileFormatError(f"the manifest refers to a missing leaf {i!r}")
+        return leaves[i]
+    children = node.get("v")
+    if not isinstance(children, list):
+        raise FileFormatError("the manifest's tree structure is malformed")
+    values = [_decode_node(c, leaves, depth + 1) for c in children]
+    if kind == "dict":
+        keys = node.get("k")
+        if not isinstance(keys, list) or len(keys) != len(values):
+            raise FileFormatError("the manifest's tree structure is malformed")
+        return dict(zip(keys, values, strict=True))
+    if kind == "list":
+        return values
+    if kind == "tuple":
+        return tuple(values)
+    raise FileFormatError(f"unknown node kind {kind!r} in the manifest")
+
+
+# ----------------------------------------------------------------------------- file container
+
+
+def _encode(tree: Any, opts: dict) -> tuple[bytes, list[LeafReport]]:
+    payload = _Payload(compress=opts["compress"])
+    entries: list[dict] = []
+    reports: list[LeafReport] = []
+
+    def visit(leaf: Any, where: str) -> int:
+        start = payload.size
+        encode = _encode_bcoo if isinstance(leaf, BCOO) else _encode_dense
+        entry, index_name, value_name, nnz, error = encode(leaf, where, opts, payload)
+        entry["path"] = where
+        entries.append(entry)
+        kind = entry["kind"]
+        shape = tuple(entry["shape"])
+        nbytes = payload.size - start
+        reports.append(LeafReport(where, kind, shape, nnz, index_name, value_name, nbytes, error))
+        return len(entries) - 1
+
+    structure = _encode_node(tree, "", visit)
+    manifest = json.dumps(
+        {"format": "jaxprune", "version": FORMAT_VERSION, "tree": structure, "leaves": entries},
+        separators=(",", ":"),
+    ).encode()
+    body = b"".join(
+        [
+            _HEADER.pack(_MAGIC, FORMAT_VERSION, len(manifest), payload.size),
+            manifest,
+            *payload.parts,
+        ]
+    )
+    return body + _CRC.pack(zlib.crc32(body)), reports
+
+
+def _decode(blob: bytes, name: str) -> Any:
+    if blob[: len(_MAGIC)] != _MAGIC[: len(blob)]:
+        raise FileFormatError(
+            f"{name} is not a jaxprune model file: it starts with {blob[:8]!r}, expected {_MAGIC!r}"
+        )
+    if len(blob) < _HEADER.size:
+        raise FileFormatError(f"{name} is truncated: {len(blob)} bytes, shorter than the header")
+    _, version, manifest_len, payload_len = _HEADER.unpack_from(blob)
+    if version > FORMAT_VERSION:
+        raise FileFormatError(
+            f"{name} has format version {version}, newer than this jaxprune reads "
+            f"(up to {FORMAT_VERSION}); upgrade jaxprune to load it"
+        )
+    if version < 1:
+        raise FileFormatError(f"{name} has an invalid format version {version}")
+    expected = _HEADER.size + manifest_len + payload_len + _CRC.size
+    if len(blob) != expected:
+        what = "truncated" if len(blob) < expected else "corrupted (trailing bytes)"
+        raise FileFormatError(f"{name} is {what}: {len(blob)} bytes, expected {expected}")
+    (crc,) = _CRC.unpack_from(blob, expected - _CRC.size)
+    if zlib.crc32(blob[: expected - _CRC.size]) != crc:
+        raise FileFormatError(f"{name} is corrupted: checksum mismatch")
+    start = _HEADER.size + manifest_len
+    try:
+        manifest = json.loads(blob[_HEADER.size : start])
+        leaf_entries = manifest["leaves"]
+        structure = manifest["tree"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise FileFormatError(f"{name} has an unreadable manifest: {e}") from e
+    payload = blob[start : start + payload_len]
+    if not isinstance(leaf_entries, list):
+        raise FileFormatError(f"{name} has an unreadable manifest: 'leaves' is not a list")
+    leaves = [_decode_leaf(payload, e, i) for i, e in enumerate(leaf_entries)]
+    return _decode_node(structure, leaves)
+
+
+def _write_chunks(f, blob: bytes) -> None:
+    for i in range(0, len(blob), _CHUNK):
+        f.write(blob[i : i + _CHUNK])
+
+
+def _write_atomically(path: str, blob: bytes) -> None:
+    """Temp file in the same directory, fsync, then rename: readers see the old file or the new."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_chunks(f, blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save(
+    path: str | os.PathLike,
+    tree: Any,
+    *,
+    values: str = "exact",
+    bits: int = 8,
+    index: str = "auto",
+    compress: bool = True,
+) -> SaveReport:
+    """Writes a tree of arrays and BCOO matrices to a compact file, atomically.
+
+    Dense leaves are stored whole. A BCOO leaf (``n_batch=0, n_dense=0``, any ndim) stores only its
+    entries: their positions as a bitmask or as gaps, whichever is smaller for that leaf, and their
+    values. Explicitly stored zeros keep their positions; out-of-bounds padding entries are
+    dropped. Dicts (str or int keys), lists, tuples and ``None`` keep their structure; an NNX
+    ``State`` is stored as its pure nested dict (see :func:`load`).
+
+    Args:
+      path: the file to write; an existing file is replaced only once the new one is complete.
+      tree: a pytree of ``jax.Array``/``np.ndarray`` and ``BCOO`` leaves, e.g. the output of
+        ``jaxprune.sparse.to_bcoo`` or a Linen params dict or ``nnx.state(model, nnx.Param)``.
+      values: ``'exact'`` (default) keeps every value bit-exact. ``'float16'`` rounds the weights to
+        half precision; ``'shared'`` replaces them by ``2**bits`` shared values per leaf found by
+        1-D k-means (Han et al. 2016, Deep Compression). Lossy modes touch floating leaves with
+        ndim >= 2 only; biases stay exact.
+      bits: code width for ``values='shared'``, 1 to 8.
+      index: ``'auto'`` picks per leaf the smallest of ``'bitmask'`` and ``'delta'`` (gaps as
+        uint8 or uint16 tokens); either can be forced, e.g. to compare them.
+      compress: try zlib and lzma (with and without a byte shuffle) on every stream and keep the
+        smallest; ``False`` stores streams raw.
+
+    Returns:
+      A :class:`SaveReport`: the bytes written, the largest absolute error a lossy mode caused,
+      and how each leaf was stored.
+
+    Raises:
+      ValueError: on an unknown option, a BCOO with batch/dense dimensions or duplicate indices,
+        or values beyond float16's range with ``values='float16'``.
+      TypeError: on a leaf or dict key of an unsupported type, or a non-numeric dtype.
+
+    Example:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from jax.experimental.sparse import BCOO
+      >>> from jaxprune.storage import load, save
+      >>> w = jnp.array([[0.0, 1.5], [0.0, -2.0]])
+      >>> tree = {"Dense_0": {"kernel": BCOO.fromdense(w), "bias": jnp.zeros(2)}}
+      >>> path = os.path.join(tempfile.mkdtemp(), "model.jxp")
+      >>> report = save(path, tree)
+      >>> [(r.path, r.kind, r.nnz) for r in report.leaves]
+      [('Dense_0/kernel', 'bcoo', 2), ('Dense_0/bias', 'dense', 2)]
+      >>> kernel = load(path)["Dense_0"]["kernel"]
+      >>> kernel.indices.tolist(), kernel.data.tolist()
+      ([[0, 1], [1, 1]], [1.5, -2.0])
+    """
+    if values not in _VALUE_MODES:
+        raise ValueError(f"save: values={values!r}; expected one of {_VALUE_MODES}")
+    if index not in _INDEX_MODES:
+        raise ValueError(f"save: index={index!r}; expected one of {_INDEX_MODES}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"save: bits={bits!r}; expected an int from 1 to 8")
+    opts = {"values": values, "bits": bits, "index": index, "compress": bool(compress)}
+    blob, reports = _encode(tree, opts)
+    path = os.fspath(path)
+    _write_atomically(path, blob)
+    error = max((r.max_abs_error for r in reports), default=0.0)
+    return SaveReport(path, len(blob), error, tuple(reports))
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Reads a file written by :func:`save`.
+
+    Args:
+      path: the file to read.
+
+    Returns:
+      The saved tree: BCOO leaves come back as ``BCOO`` with their entries in row-major order
+      (as saved if they were sorted), ``nse`` = stored entries, and the same
+      ``indices_sorted``/``unique_indices`` flags, so the same pytree structure; dense leaves as ``jax.Array`` (a 64-bit leaf read
+      while ``jax_enable_x64`` is off comes back as ``np.ndarray``, so that no bits are lost).
+      Dicts, lists, tuples and ``None`` come back as such; an NNX ``State`` comes back as its
+      pure nested dict, which ``nnx.update(model, tree)`` accepts.
+
+    Raises:
+      FileFormatError: (a ValueError) if the file is of another format, has a newer format version,
+        is truncated, or fails its checksum.
+      ValueError: for a BCOO of 64-bit values while ``jax_enable_x64`` is off.
+      OSError: if the file cannot be read.
+
+    Example:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from jaxprune.storage import load, save
+      >>> path = os.path.join(tempfile.mkdtemp(), "params.jxp")
+      >>> _ = save(path, {"layers": {0: {"kernel": np.eye(2, dtype=np.float32)}}})
+      >>> load(path)["layers"][0]["kernel"].tolist()
+      [[1.0, 0.0], [0.0, 1.0]]
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        blob = f.read()
+    return _decode(blob, repr(path))
