@@ -1,0 +1,7 @@
+"""``python -m jaxprune``: the same as the ``jaxprune`` command."""
+
+import sys
+
+from jaxprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,519 @@
+"""The demo's pipeline pieces: train a LeNet, prune and retrain in rounds, checkpoint, export, time.
+
+The command line (:mod:`jaxprune.cli`) strings these together and draws the progress bars and
+tables; everything here is plain functions of a :class:`Config`, so a run can be scripted too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxprune.analysis import accuracy
+from jaxprune.data import Dataset, batches
+from jaxprune.masks import apply_masks
+from jaxprune.models import LeNet5, LeNet300100, dense_layer_names
+from jaxprune.retrain import (
+    RoundRecord,
+    RoundsState,
+    make_retrain_step,
+    prune_and_retrain,
+    retrain_state,
+)
+from jaxprune.sparse import sparse_apply, to_bcoo
+from jaxprune.storage import load, save
+from jaxprune.structured import neuron_masks, shrink
+from jaxprune.transform import keep_pruned
+
+PyTree = Any
+
+# Han et al. 2015, Tables 1 and 2: per-layer kept fractions and errors on MNIST.
+PAPER = {
+    "lenet300": {
+        "error_dense": 0.0164,
+        "error_pruned": 0.0159,
+        "kept": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
+        "kept_total": 0.08,
+    },
+    "lenet5": {
+        "error_dense": 0.0080,
+        "error_pruned": 0.0077,
+        "kept": {"conv1": 0.66, "conv2": 0.12, "fc1": 0.08, "fc2": 0.19},
+        "kept_total": 0.08,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """An impossible combination of options; the CLI prints it as one line and exits 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that decides a run's result (the output folder and resume flag aside).
+
+    Attributes:
+      model: ``'lenet300'`` (LeNet-300-100) or ``'lenet5'``.
+      data_dir: a folder (or ``.npz``) holding MNIST, or ``None`` for sklearn's 8x8 digits.
+      epochs: dense training epochs.
+      rounds: prune -> retrain rounds.
+      q: Han's quality parameter per round (one value is used for every round).
+      keep: instead of ``q``, the fraction of each layer to keep after each round.
+      retrain_epochs: retraining epochs per round.
+      lr: dense learning rate (SGD, momentum 0.9, cosine decay); retraining uses
+        ``lr * retrain_lr_scale`` with a cosine restart each round.
+      retrain_lr_scale: Han et al. retrain LeNets at 1/10 of the original rate.
+      weight_decay: L2 coefficient, in training and retraining.
+      batch_size: minibatch size.
+      dropout: dropout rate on the inputs of the hidden dense layers after the first (0: none,
+        as Caffe's LeNets); rescaled each round by Han's rule.
+      seed: seeds initialisation, shuffling and dropout.
+    """
+
+    model: str = "lenet300"
+    data_dir: str | None = None
+    epochs: int = 30
+    rounds: int = 6
+    q: tuple[float, ...] = (1.0, 1.5, 1.9, 2.2, 2.4, 2.6)
+    keep: tuple[float, ...] | None = None
+    retrain_epochs: int = 10
+    lr: float = 0.1
+    retrain_lr_scale: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    dropout: float = 0.0
+    seed: int = 0
+
+    def checked(self) -> Config:
+        """Returns the config with a one-value ``q`` spread over the rounds, or raises."""
+        if self.model not in ("lenet300", "lenet5"):
+            raise ConfigError(f"unknown model {self.model!r}; choose lenet300 or lenet5.")
+        for name in ("epochs", "rounds", "retrain_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
+        if not (self.lr > 0 and self.retrain_lr_scale > 0 and self.weight_decay >= 0):
+            raise ConfigError("--lr and --retrain-lr-scale must be > 0, --weight-decay >= 0.")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        schedule = self.keep if self.keep is not None else self.q
+        flag = "--keep" if self.keep is not None else "--q"
+        if len(schedule) == 1:
+            schedule = schedule * self.rounds
+        if len(schedule) != self.rounds:
+            raise ConfigError(
+                f"{flag} has {len(schedule)} values for {self.rounds} rounds; give one value "
+                "or one per round."
+            )
+        if self.keep is not None and not all(0 < k <= 1 for k in schedule):
+            raise ConfigError(f"--keep values must be fractions in (0, 1], got {schedule}.")
+        if self.keep is None and not all(q >= 0 for q in schedule):
+            raise ConfigError(f"--q values must be >= 0, got {schedule}.")
+        field = "keep" if self.keep is not None else "q"
+        return dataclasses.replace(self, **{field: tuple(float(v) for v in schedule)})
+
+
+def build_model(
+    config: Config, rates: dict[str, float] | None = None, *, hidden: tuple[int, ...] | None = None
+) -> nn.Module:
+    """The Linen model of ``config``, with dropout ``rates`` (``{layer: rate}``) if given.
+
+    LeNet-5 uses 'SAME' padding on the built-in 8x8 digits (5x5 'VALID' convolutions would leave
+    nothing) and Caffe's 'VALID' on MNIST. ``hidden`` builds a LeNet-300-100 of other widths.
+    """
+    if config.model == "lenet300":
+        base = LeNet300100() if hidden is None else LeNet300100(hidden=hidden)
+    else:
+        base = LeNet5(padding="SAME" if config.data_dir is None else "VALID")
+    names = dense_layer_names(base)
+    if rates is None:
+        rates = {name: config.dropout for name in names[1:]}
+    if not any(rates.values()):
+        return base
+    return base.clone(dropout_rates=tuple(rates.get(name, 0.0) for name in names))
+
+
+def dropout_layers(config: Config) -> dict[str, tuple[float, str]]:
+    """Han's dropout bookkeeping: the dropout on ``fcK``'s input follows ``fc(K-1)``'s kernel."""
+    if config.dropout == 0:
+        return {}
+    names = dense_layer_names(build_model(config))
+    return {b: (config.dropout, f"{a}/kernel") for a, b in itertools.pairwise(names)}
+
+
+def init_params(config: Config, data: Dataset) -> PyTree:
+    """Initialises the model's params for the data's image shape."""
+    x = jnp.zeros((1, *data.x_train.shape[1:]), jnp.float32)
+    return build_model(config).init(jax.random.key(config.seed), x)["params"]
+
+
+def make_loss(config: Config) -> Callable:
+    """``loss(params, (x, y), rng, rates)``: softmax cross-entropy with dropout ``rates``."""
+    models: dict[tuple, nn.Module] = {}
+
+    def loss(params, batch, rng, rates):
+        key = tuple(sorted(rates.items()))
+        if key not in models:
+            models[key] = build_model(config, dict(rates) if rates else None)
+        x, y = batch
+        logits = models[key].apply({"params": params}, x, train=True, rngs={"dropout": rng})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return loss
+
+
+def make_eval(config: Config) -> Callable[[PyTree, np.ndarray], jax.Array]:
+    """A hashable ``apply_fn(params, x)`` for :func:`jaxprune.analysis.accuracy` (no dropout)."""
+    model = build_model(config, {})
+
+    def apply_fn(params, x):
+        return model.apply({"params": params}, x)
+
+    return apply_fn
+
+
+def epoch_batches(config: Config, data: Dataset, offset: int) -> Callable[[int], Iterator]:
+    """``batches(epoch)`` with its own seed stream: dense training and rounds never share one."""
+
+    def it(epoch: int) -> Iterator:
+        return batches(
+            data.x_train,
+            data.y_train,
+            batch_size=min(config.batch_size, len(data.x_train)),
+            seed=config.seed,
+            epoch=offset + epoch,
+            drop_remainder=True,
+        )
+
+    return it
+
+
+def steps_per_epoch(config: Config, data: Dataset) -> int:
+    return len(data.x_train) // min(config.batch_size, len(data.x_train))
+
+
+def train_dense(
+    config: Config,
+    data: Dataset,
+    params: PyTree,
+    *,
+    on_step: Callable[[], None] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> PyTree:
+    """Trains the dense model: SGD with momentum 0.9, cosine decay, L2 (Han et al.'s step 1)."""
+    total = config.epochs * steps_per_epoch(config, data)
+    tx = optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(optax.cosine_decay_schedule(config.lr, total), momentum=0.9),
+    )
+    loss = make_loss(config)
+    rates = {b: r for b, (r, _) in dropout_layers(config).items()}
+    step = make_retrain_step(lambda p, b, rng: loss(p, b, rng, rates), tx)
+    state = retrain_state(params, tx, rng=jax.random.key(config.seed + 1))
+    it = epoch_batches(config, data, offset=0)
+    for epoch in range(config.epochs):
+        losses = []
+        for batch in it(epoch):
+            state, metrics = step(state, batch)
+            losses.append(metrics["loss"])
+            if on_step is not None:
+                on_step()
+        if on_epoch is not None:
+            on_epoch(epoch, float(jnp.mean(jnp.stack(losses))))
+    return state.params
+
+
+def retrain_optimizer(
+    config: Config, data: Dataset
+) -> Callable[[float], optax.GradientTransformation]:
+    """SGD with momentum and a cosine schedule that restarts every round."""
+    period = config.retrain_epochs * steps_per_epoch(config, data)
+
+    def make(lr: float) -> optax.GradientTransformation:
+        cosine = optax.cosine_decay_schedule(lr, period)
+        return optax.sgd(lambda count: cosine(count % period), momentum=0.9)
+
+    return make
+
+
+def rounds(
+    config: Config,
+    data: Dataset,
+    params: PyTree,
+    *,
+    resume: RoundsState | None = None,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+) -> Iterator[RoundsState]:
+    """Han et al.'s steps 2-4: prune (``q * std`` or a kept fraction), retrain, repeat."""
+    apply_fn = make_eval(config)
+    schedule = (
+        {"sparsity": [1.0 - k for k in config.keep]} if config.keep is not None else {"q": config.q}
+    )
+    yield from prune_and_retrain(
+        params,
+        make_loss(config),
+        epoch_batches(config, data, offset=config.epochs),
+        lambda p: accuracy(apply_fn, p, data.x_test, data.y_test),
+        rounds=config.rounds,
+        learning_rate=config.lr,
+        lr_scale=config.retrain_lr_scale,
+        optimizer=retrain_optimizer(config, data),
+        weight_decay=config.weight_decay,
+        epochs=config.retrain_epochs,
+        dropout=dropout_layers(config),
+        seed=config.seed + 2,
+        resume=resume,
+        on_epoch=on_epoch,
+        **schedule,
+    )
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes JSON atomically: a temp file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def record_dict(record: Any) -> dict[str, Any]:
+    return dict(record._asdict())
+
+
+class Checkpoints:
+    """The run's checkpoints in ``out/checkpoints``: the dense params, then one file per round.
+
+    Each file is written atomically by :func:`jaxprune.save`; a round counts as done once its
+    JSON (written last) exists, so a run killed mid-write resumes from the round before.
+    """
+
+    def __init__(self, out: Path):
+        self.dir = Path(out) / "checkpoints"
+
+    def save_config(self, config: Config) -> None:
+        write_json(self.dir / "config.json", dataclasses.asdict(config))
+
+    def check_config(self, config: Config) -> None:
+        path = self.dir / "config.json"
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text())
+        now = json.loads(json.dumps(dataclasses.asdict(config)))
+        changed = sorted(k for k in now if saved.get(k) != now[k])
+        if changed:
+            raise ConfigError(
+                f"--resume: the checkpoints in {self.dir} were made with other options "
+                f"({', '.join(changed)}); rerun with the same options or another --out."
+            )
+
+    def save_dense(self, params: PyTree, error: float) -> None:
+        save(self.dir / "dense.jaxprune", {"params": params}, compress=False)
+        write_json(self.dir / "dense.json", {"error": error})
+
+    def load_dense(self) -> tuple[PyTree, float] | None:
+        if not (self.dir / "dense.json").exists():
+            return None
+        error = json.loads((self.dir / "dense.json").read_text())["error"]
+        return load(self.dir / "dense.jaxprune")["params"], error
+
+    def save_round(self, state: RoundsState) -> None:
+        k = state.round
+        tree = {
+            "params": state.params,
+            "masks": state.masks,
+            "opt": jax.tree.leaves(state.opt_state),
+        }
+        save(self.dir / f"round-{k}.jaxprune", tree, compress=False)
+        write_json(self.dir / f"round-{k}.json", [record_dict(r) for r in state.history])
+
+    def load_round(self, config: Config, data: Dataset) -> RoundsState | None:
+        done = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("round-*.json"))
+        if not done:
+            return None
+        k = done[-1]
+        tree = load(self.dir / f"round-{k}.jaxprune")
+        history = json.loads((self.dir / f"round-{k}.json").read_text())
+        # The optimizer state is stored as its leaves; its structure comes from a fresh init.
+        lr = config.lr * config.retrain_lr_scale
+        tx = keep_pruned(
+            retrain_optimizer(config, data)(lr), tree["masks"], weight_decay=config.weight_decay
+        )
+        template = tx.init(tree["params"])
+        opt_state = jax.tree.unflatten(
+            jax.tree.structure(template), [jnp.asarray(x) for x in tree["opt"]]
+        )
+        records = tuple(RoundRecord(**r) for r in history)
+        masks = jax.tree.map(jnp.asarray, tree["masks"])
+        params = jax.tree.map(jnp.asarray, tree["params"])
+        return RoundsState(k, params, masks, opt_state, records)
+
+
+# --- export and timing ------------------------------------------------------------------------
+
+
+def dense_npz_bytes(params: PyTree) -> int:
+    """Bytes of the params as a plain float32 ``.npz`` (the size a user would otherwise ship)."""
+    buf = io.BytesIO()
+    arrays = {f"a{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(params))}
+    np.savez(buf, **arrays)
+    return buf.getbuffer().nbytes
+
+
+def export(params: PyTree, masks: PyTree, path: Path) -> dict[str, int]:
+    """Writes the pruned model as a compact file; returns its bytes beside the dense ``.npz``."""
+    report = save(path, to_bcoo(params, masks))
+    return {"file_bytes": report.nbytes, "dense_npz_bytes": dense_npz_bytes(params)}
+
+
+def _median_time(fn: Callable, x: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare_times(
+    first: Callable, second: Callable, image_shape: tuple[int, ...], batch_sizes, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median times of two forward passes per batch size, interleaved; ``ratio = second/first``."""
+    out = {}
+    for b in batch_sizes:
+        x = jax.random.uniform(jax.random.key(b), (b, *image_shape))
+        jax.block_until_ready((first(x), second(x)))
+        t1, t2 = [], []
+        for _ in range(3):  # interleave, so drift hits both alike
+            t1.append(_median_time(first, x, max(repeats // 3, 1)))
+            t2.append(_median_time(second, x, max(repeats // 3, 1)))
+        a, b_ = statistics.median(t1), statistics.median(t2)
+        out[str(b)] = {"first_ms": 1e3 * a, "second_ms": 1e3 * b_, "ratio": b_ / a}
+    return out
+
+
+def time_inference(
+    config: Config,
+    params: PyTree,
+    masks: PyTree,
+    image_shape: tuple[int, ...],
+    *,
+    batch_sizes: tuple[int, ...] = (1, 64, 1024),
+    repeats: int = 30,
+) -> dict[str, dict[str, float]]:
+    """Sparse inference against the masked dense model under jit; ``ratio`` = sparse / dense."""
+    model = build_model(config, {})
+    pruned = apply_masks(params, masks)
+    dense = jax.jit(lambda x: model.apply({"params": pruned}, x))
+    sparse = sparse_apply(model, to_bcoo(params, masks))
+    times = compare_times(dense, sparse, image_shape, batch_sizes, repeats)
+    return {
+        b: {"dense_ms": t["first_ms"], "sparse_ms": t["second_ms"], "ratio": t["ratio"]}
+        for b, t in times.items()
+    }
+
+
+# --- whole neurons ------------------------------------------------------------------------------
+
+
+def _chain(config: Config) -> tuple[list[str], list[Callable]]:
+    relu = lambda x: jnp.maximum(x, 0)  # noqa: E731
+    if config.model == "lenet300":
+        return ["fc1", "fc2", "fc3"], [relu, relu]
+    # Caffe's LeNet-5 has no nonlinearity after its convolutions.
+    return ["conv1", "conv2", "fc1", "fc2"], [lambda x: x, lambda x: x, relu]
+
+
+def dead_units(config: Config, params: PyTree, masks: PyTree) -> dict[str, Any]:
+    """Removes units whose every input or output connection is pruned (Han et al. 2015, Sec. 3.4)."""
+    layers, activations = _chain(config)
+    shrunk = shrink(params, layers=layers, activation=activations, masks=masks)
+    report = shrunk.report
+    return {
+        "widths": list(shrunk.widths),
+        "hidden_before": report.hidden_before,
+        "hidden_after": report.hidden_after,
+        "summary": f"hidden units {report.hidden_before:,} -> {report.hidden_after:,}, "
+        f"dense weights {report.weights_before:,} -> {report.weights_after:,}",
+    }
+
+
+def structured(config: Config, data: Dataset, dense: PyTree, fraction: float) -> dict[str, Any]:
+    """Prunes whole hidden neurons of LeNet-300-100, retrains, shrinks, and times the result.
+
+    Han et al. 2015 (Sec. 3.4) note the neuron count can be cut without retraining; this measures
+    the accuracy cost before and after one round of retraining, and the dense speed-up of the
+    physically smaller model.
+    """
+    if config.model != "lenet300":
+        raise ConfigError("--structured supports --model lenet300 only.")
+    if not 0 < fraction < 1:
+        raise ConfigError(f"--structured must be a fraction in (0, 1), got {fraction}.")
+    layers, activations = _chain(config)
+    apply_fn = make_eval(config)
+    masks = neuron_masks(dense, fraction, layers=layers)
+    pruned = apply_masks(dense, masks)
+    error_before = 1.0 - accuracy(apply_fn, pruned, data.x_test, data.y_test)
+
+    tx = keep_pruned(
+        retrain_optimizer(config, data)(config.lr * config.retrain_lr_scale),
+        masks,
+        weight_decay=config.weight_decay,
+    )
+    loss = make_loss(config)
+    rates = {b: r for b, (r, _) in dropout_layers(config).items()}
+    step = make_retrain_step(lambda p, b, rng: loss(p, b, rng, rates), tx)
+    state = retrain_state(pruned, tx, rng=jax.random.key(config.seed + 3))
+    it = epoch_batches(config, data, offset=config.epochs + config.rounds * config.retrain_epochs)
+    for epoch in range(config.retrain_epochs):
+        for batch in it(epoch):
+            state, _ = step(state, batch)
+    error_after = 1.0 - accuracy(apply_fn, state.params, data.x_test, data.y_test)
+
+    shrunk = shrink(state.params, layers=layers, activation=activations, masks=masks)
+    small = build_model(config, {}, hidden=tuple(shrunk.widths[:-1]))
+    big = build_model(config, {})
+    full_fn = jax.jit(lambda x: big.apply({"params": state.params}, x))
+    small_fn = jax.jit(lambda x: small.apply({"params": shrunk.params}, x))
+    times = compare_times(full_fn, small_fn, data.x_train.shape[1:], (1, 64, 1024), 30)
+    return {
+        "fraction": fraction,
+        "hidden_before": shrunk.report.hidden_before,
+        "hidden_after": shrunk.report.hidden_after,
+        "widths": list(shrunk.widths),
+        "error_without_retraining": error_before,
+        "error_after_retraining": error_after,
+        "dense_time_ratio": {b: t["ratio"] for b, t in times.items()},
+    }
+
+
+def structured_line(result: dict[str, Any]) -> str:
+    """One line for the command's output."""
+    speed = ", ".join(f"batch {b} {r:.2f}x" for b, r in result["dense_time_ratio"].items())
+    return (
+        f"structured: {result['fraction']:.0%} of hidden neurons pruned, "
+        f"{result['hidden_before']} -> {result['hidden_after']} hidden units; error "
+        f"{100 * result['error_without_retraining']:.2f}% without retraining, "
+        f"{100 * result['error_after_retraining']:.2f}% after; shrunk/original dense time: {speed}"
+    )
