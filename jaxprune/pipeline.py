@@ -7,6 +7,7 @@ tables; everything here is plain functions of a :class:`Config`, so a run can be
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -176,8 +177,12 @@ def make_loss(config: Config) -> Callable:
     return loss
 
 
+@functools.lru_cache(maxsize=8)
 def make_eval(config: Config) -> Callable[[PyTree, np.ndarray], jax.Array]:
-    """A hashable ``apply_fn(params, x)`` for :func:`jaxprune.analysis.accuracy` (no dropout)."""
+    """A hashable ``apply_fn(params, x)`` for :func:`jaxprune.analysis.accuracy` (no dropout).
+
+    Cached per config: ``accuracy`` compiles once per ``apply_fn`` object.
+    """
     model = build_model(config, {})
 
     def apply_fn(params, x):
@@ -459,6 +464,14 @@ def dead_units(config: Config, params: PyTree, masks: PyTree) -> dict[str, Any]:
     }
 
 
+def check_structured(config: Config, fraction: float) -> None:
+    """Raises :class:`ConfigError` unless ``structured(config, ..., fraction)`` can run."""
+    if config.model != "lenet300":
+        raise ConfigError("--structured supports --model lenet300 only.")
+    if not 0 < fraction < 1:
+        raise ConfigError(f"--structured must be a fraction in (0, 1), got {fraction}.")
+
+
 def structured(config: Config, data: Dataset, dense: PyTree, fraction: float) -> dict[str, Any]:
     """Prunes whole hidden neurons of LeNet-300-100, retrains, shrinks, and times the result.
 
@@ -466,10 +479,7 @@ def structured(config: Config, data: Dataset, dense: PyTree, fraction: float) ->
     the accuracy cost before and after one round of retraining, and the dense speed-up of the
     physically smaller model.
     """
-    if config.model != "lenet300":
-        raise ConfigError("--structured supports --model lenet300 only.")
-    if not 0 < fraction < 1:
-        raise ConfigError(f"--structured must be a fraction in (0, 1), got {fraction}.")
+    check_structured(config, fraction)
     layers, activations = _chain(config)
     apply_fn = make_eval(config)
     masks = neuron_masks(dense, fraction, layers=layers)
