@@ -33,7 +33,9 @@ def main() -> None:
     count, side = (4, 512) if args.quick else (24, 2048)
 
     keys = jax.random.split(jax.random.key(0), count)
-    params = {f"layer_{i}": {"kernel": jax.random.normal(k, (side, side))} for i, k in enumerate(keys)}
+    params = {
+        f"layer_{i}": {"kernel": jax.random.normal(k, (side, side))} for i, k in enumerate(keys)
+    }
     n_params = count * side * side
 
     masks_fn = jax.jit(jaxprune.compute_masks)

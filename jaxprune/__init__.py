@@ -1,4 +1,10 @@
-"""jaxprune: Han et al. 2015 magnitude pruning for JAX, Flax and optax."""
+"""jaxprune: Han et al. 2015 magnitude pruning for JAX, Flax and optax.
+
+Masks from parameters (:func:`compute_masks`), retraining that keeps pruned weights at zero
+(:func:`keep_pruned`, :func:`prune_and_retrain`), sparse export and inference (:func:`to_bcoo`,
+:func:`sparse_apply`), compact files (:func:`save`, :func:`load`) and physically smaller layers
+(:func:`shrink`, :func:`neuron_masks`).
+"""
 
 from jaxprune.masks import (
     LayerSummary,
@@ -8,19 +14,64 @@ from jaxprune.masks import (
     masks_for_sparsity,
     summarize,
 )
+from jaxprune.retrain import (
+    RetrainState,
+    RoundRecord,
+    RoundsState,
+    connection_counts,
+    dropout_rate,
+    make_retrain_step,
+    nnx_loss,
+    prune_and_retrain,
+    retrain_dropout_rates,
+    retrain_state,
+)
+from jaxprune.sparse import SparseApply, sparse_apply, to_bcoo, to_dense
 from jaxprune.storage import FORMAT_VERSION, FileFormatError, LeafReport, SaveReport, load, save
+from jaxprune.structured import LayerShrink, ShrinkReport, Shrunk, neuron_masks, shrink
+from jaxprune.transform import (
+    KeepPrunedState,
+    PruneGradientsState,
+    keep_pruned,
+    prune_gradients,
+    update_masks,
+)
 
 __all__ = [
     "FORMAT_VERSION",
     "FileFormatError",
+    "KeepPrunedState",
+    "LayerShrink",
     "LayerSummary",
     "LeafReport",
+    "PruneGradientsState",
+    "RetrainState",
+    "RoundRecord",
+    "RoundsState",
     "SaveReport",
+    "ShrinkReport",
+    "Shrunk",
+    "SparseApply",
     "Summary",
     "apply_masks",
     "compute_masks",
+    "connection_counts",
+    "dropout_rate",
+    "keep_pruned",
     "load",
+    "make_retrain_step",
     "masks_for_sparsity",
+    "neuron_masks",
+    "nnx_loss",
+    "prune_and_retrain",
+    "prune_gradients",
+    "retrain_dropout_rates",
+    "retrain_state",
     "save",
+    "shrink",
+    "sparse_apply",
     "summarize",
+    "to_bcoo",
+    "to_dense",
+    "update_masks",
 ]

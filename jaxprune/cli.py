@@ -52,6 +52,16 @@ def _floats(text: str) -> tuple[float, ...]:
         ) from None
 
 
+def _scales(text: str) -> tuple[tuple[str, float], ...]:
+    try:
+        pairs = [item.split("=") for item in text.split(",")]
+        return tuple((name.strip(), float(value)) for name, value in pairs)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LAYER=FACTOR pairs such as conv1=0.3,conv2=0.8, got {text!r}"
+        ) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxprune", description="Prune LeNets the way Han et al. 2015 did, with JAX."
@@ -76,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         group.add_argument(
             "--keep", type=_floats, default=None, help="kept fraction per round instead of q"
+        )
+        p.add_argument(
+            "--q-scale",
+            type=_scales,
+            default=defaults.q_scale,
+            metavar="LAYER=FACTOR,...",
+            help="prune these layers with FACTOR * q (e.g. conv1=0.3 keeps more of conv1)",
         )
         p.add_argument("--retrain-epochs", type=int, default=defaults.retrain_epochs)
         p.add_argument("--retrain-lr-scale", type=float, default=defaults.retrain_lr_scale)
@@ -185,7 +202,12 @@ def _rounds(config: Config, data: Any, params: Any, ckpt: Checkpoints, console: 
             ckpt.save_round(done)
             state, rec = done, done.history[-1]
             layers = "  ".join(f"{p.split('/')[0]} {_pct(k)}" for p, k in rec.kept.items())
-            rule = f"q={rec.q:g}" if rec.q is not None else f"keep={1 - rec.sparsity:g}"
+            if rec.q is None:
+                rule = f"keep={1 - rec.sparsity:g}"
+            elif isinstance(rec.q, dict):
+                rule = "q=" + ", ".join(f"{k} {v:g}" for k, v in rec.q.items())
+            else:
+                rule = f"q={rec.q:g}"
             bars.progress.console.print(
                 f"round {rec.round + 1}: {rule}  kept {_pct(rec.kept_total)}  ({layers})  "
                 f"error {_pct(1 - rec.metric)}"
@@ -206,7 +228,7 @@ def _layer_table(config: Config, summary: Any, last: Any) -> Table:
             f"{row.total:,}",
             f"{row.kept:,}",
             _pct(row.kept_fraction),
-            f"{last.q:g}" if last.q is not None else "-",
+            f"{pipeline.q_of(last, layer):g}" if last.q is not None else "-",
             f"{100 * paper[layer]:.0f}%" if layer in paper else "-",
         )
     table.add_row(

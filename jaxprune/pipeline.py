@@ -75,6 +75,8 @@ class Config:
       rounds: prune -> retrain rounds.
       q: Han's quality parameter per round (one value is used for every round).
       keep: instead of ``q``, the fraction of each layer to keep after each round.
+      q_scale: ``((layer, factor), ...)``: those layers are pruned with ``factor * q``; Han et al.
+        prune sensitive layers (LeNet-5's conv1) far less than the fully connected ones.
       retrain_epochs: retraining epochs per round.
       lr: dense learning rate (SGD, momentum 0.9, cosine decay); retraining uses
         ``lr * retrain_lr_scale`` with a cosine restart each round.
@@ -92,6 +94,7 @@ class Config:
     rounds: int = 6
     q: tuple[float, ...] = (1.0, 1.5, 1.9, 2.2, 2.4, 2.6)
     keep: tuple[float, ...] | None = None
+    q_scale: tuple[tuple[str, float], ...] = ()
     retrain_epochs: int = 10
     lr: float = 0.1
     retrain_lr_scale: float = 0.1
@@ -124,6 +127,10 @@ class Config:
             raise ConfigError(f"--keep values must be fractions in (0, 1], got {schedule}.")
         if self.keep is None and not all(q >= 0 for q in schedule):
             raise ConfigError(f"--q values must be >= 0, got {schedule}.")
+        if any(f < 0 for _, f in self.q_scale):
+            raise ConfigError(f"--q-scale factors must be >= 0, got {dict(self.q_scale)}.")
+        if self.q_scale and self.keep is not None:
+            raise ConfigError("--q-scale applies to --q, not to --keep.")
         field = "keep" if self.keep is not None else "q"
         return dataclasses.replace(self, **{field: tuple(float(v) for v in schedule)})
 
@@ -265,9 +272,13 @@ def rounds(
 ) -> Iterator[RoundsState]:
     """Han et al.'s steps 2-4: prune (``q * std`` or a kept fraction), retrain, repeat."""
     apply_fn = make_eval(config)
-    schedule = (
-        {"sparsity": [1.0 - k for k in config.keep]} if config.keep is not None else {"q": config.q}
-    )
+    if config.keep is not None:
+        schedule: dict[str, Any] = {"sparsity": [1.0 - k for k in config.keep]}
+    elif config.q_scale:
+        # "*" matches every prunable leaf; an exact layer name wins over it (compute_masks).
+        schedule = {"q": [{"*": q, **{k: q * f for k, f in config.q_scale}} for q in config.q]}
+    else:
+        schedule = {"q": config.q}
     yield from prune_and_retrain(
         params,
         make_loss(config),
@@ -288,6 +299,13 @@ def rounds(
 
 
 # --- checkpoints --------------------------------------------------------------------------------
+
+
+def q_of(record: RoundRecord, layer: str) -> float | None:
+    """The q a round used for ``layer`` (None for a kept-fraction round)."""
+    if isinstance(record.q, dict):
+        return record.q.get(layer, record.q["*"])
+    return record.q
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -1,0 +1,451 @@
+"""Retraining the surviving connections: a jitted step, Han's dropout rule and the round driver.
+
+The step is model-agnostic: it differentiates ``loss_fn(params, batch, rng)``. A Flax Linen model
+plugs in through ``module.apply({'params': params}, ..., rngs={'dropout': rng})``; an NNX model
+through :func:`nnx_loss`, which splits it with ``nnx.split`` and merges it back inside the loss.
+Masks live in the optimizer state (:func:`jaxprune.transform.keep_pruned`), so new masks between
+rounds do not recompile the step.
+
+Dropout rates are static. Flax's ``Dropout`` (Linen and NNX) branches in Python on ``rate == 0``,
+so a rate cannot be a traced value; a new rate means one new compilation per round, which costs
+far less than the round's retraining. Masks, params, optimizer state and the RNG are traced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxprune._tree import PyTree, Where, is_array, leaves_with_paths
+from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
+from jaxprune.transform import keep_pruned, update_masks
+
+Batch = Any
+LossFn = Callable[..., Any]
+# A value per round: one value for all rounds, a sequence with one per round, or a function of the
+# round index. For ``q`` a value may also be a mapping from layer path (or pattern) to q.
+Schedule = Any
+
+
+class RetrainState(NamedTuple):
+    """What the retrain step carries: params, optimizer state, base RNG key and step count."""
+
+    params: PyTree
+    opt_state: optax.OptState
+    rng: jax.Array
+    step: jax.Array
+
+
+def retrain_state(
+    params: PyTree, tx: optax.GradientTransformation, *, rng: jax.Array
+) -> RetrainState:
+    """Builds the initial :class:`RetrainState` for :func:`make_retrain_step`.
+
+    Args:
+      params: the parameters to retrain (usually after :func:`jaxprune.masks.apply_masks`).
+      tx: the optimizer, e.g. ``keep_pruned(optax.sgd(lr, momentum=0.9), masks)``.
+      rng: a JAX PRNG key; step ``i`` uses ``jax.random.fold_in(rng, i)`` (dropout).
+
+    Returns:
+      A :class:`RetrainState` at step 0.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> s = retrain_state({'w': jnp.ones(2)}, optax.sgd(0.1), rng=jax.random.key(0))
+    >>> int(s.step)
+    0
+    """
+    return RetrainState(params, tx.init(params), rng, jnp.zeros((), jnp.int32))
+
+
+def make_retrain_step(
+    loss_fn: LossFn, tx: optax.GradientTransformation, *, has_aux: bool = False
+) -> Callable[[RetrainState, Batch], tuple[RetrainState, dict[str, jax.Array]]]:
+    """Returns a jitted ``step(state, batch) -> (state, metrics)`` for any model's loss.
+
+    One step: ``grads = grad(loss_fn)(params, batch, fold_in(rng, step))``, then
+    ``tx.update(grads, opt_state, params)`` and ``optax.apply_updates``. Everything in the state
+    is traced, so swapping masks with :func:`jaxprune.transform.update_masks` (same shapes) reuses
+    the compiled step. Inputs sharded with ``jax.sharding`` are followed: a batch split over a
+    ``Mesh`` axis gives data-parallel retraining with the gradient reduction inserted by XLA.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, rng) -> loss`` (a scalar), or ``-> (loss, aux)`` with
+        ``has_aux``, where ``aux`` is a dict of scalar metrics. ``rng`` is a fresh key per step.
+      tx: the optimizer; use :func:`jaxprune.transform.keep_pruned` to keep pruned weights at 0.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+    Returns:
+      The jitted step; ``metrics`` holds ``'loss'`` and the entries of ``aux``. The input state is
+      not donated or modified.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> loss = lambda p, batch, rng: jnp.mean((batch @ p['w']) ** 2)
+    >>> step = make_retrain_step(loss, optax.sgd(0.1))
+    >>> state = retrain_state({'w': jnp.ones((2, 1))}, optax.sgd(0.1), rng=jax.random.key(0))
+    >>> state, metrics = step(state, jnp.ones((4, 2)))
+    >>> float(metrics['loss']), state.params['w'].ravel().tolist()
+    (4.0, [0.6000000238418579, 0.6000000238418579])
+    """
+
+    def step(state: RetrainState, batch: Batch) -> tuple[RetrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(state.params, batch, rng)
+        loss, aux = out if has_aux else (out, {})
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = RetrainState(params, opt_state, state.rng, state.step + 1)
+        return new, {"loss": loss, **aux}
+
+    return jax.jit(step)
+
+
+def _dropout_modules(model: nnx.Module) -> dict[str, nnx.Dropout]:
+    return {
+        "/".join(str(k) for k in path): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Dropout)
+    }
+
+
+def nnx_loss(
+    model: nnx.Module, loss_fn: Callable[[nnx.Module, Batch], Any]
+) -> tuple[LossFn, nnx.State]:
+    """Turns an NNX model and ``loss_fn(model, batch)`` into a pure loss of the params.
+
+    The model is split into ``nnx.Param`` state and the rest; the returned
+    ``loss(params, batch, rng, dropout_rates=None)`` merges a copy inside the trace, gives each
+    ``nnx.Dropout`` a fresh RNG stream from ``rng`` (so dropout masks change every step without
+    mutating the model's own RNG state) and, if ``dropout_rates`` maps a Dropout's path (e.g.
+    ``'drop1'`` or ``'layers/2'``) to a rate, sets that rate on the copy. Other non-Param state
+    (e.g. BatchNorm statistics) is held fixed, so use such models in eval mode for those layers.
+    Write the retrained params back with ``nnx.update(model, params)``.
+
+    Args:
+      model: an NNX module, in train mode (``model.train()``) if dropout should be active.
+      loss_fn: ``loss_fn(model, batch) -> loss`` or ``-> (loss, aux)``.
+
+    Returns:
+      ``(loss, params)``: the pure loss and ``nnx.state(model, nnx.Param)``.
+
+    Raises:
+      ValueError: (from ``loss``) if ``dropout_rates`` names a path that is no ``nnx.Dropout``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> loss, params = nnx_loss(model, lambda m, x: jnp.sum(m(x)))
+    >>> bool(loss(params, jnp.ones((1, 2)), jax.random.key(0)) == jnp.sum(model(jnp.ones((1, 2)))))
+    True
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(
+        params: nnx.State, batch: Batch, rng: jax.Array, dropout_rates: Mapping | None = None
+    ) -> Any:
+        copy = nnx.merge(graphdef, params, rest)
+        modules = _dropout_modules(copy)
+        unknown = sorted(set(dropout_rates or {}) - set(modules))
+        if unknown:
+            raise ValueError(
+                f"dropout_rates names {unknown}, which are not nnx.Dropout modules of the model; "
+                f"its Dropout paths are {sorted(modules)}."
+            )
+        for i, (path, module) in enumerate(sorted(modules.items())):
+            module.rngs = nnx.Rngs(dropout=jax.random.fold_in(rng, i)).dropout
+            if dropout_rates and path in dropout_rates:
+                module.rate = dropout_rates[path]
+        return loss_fn(copy, batch)
+
+    return loss, params
+
+
+def dropout_rate(rate: float, connections_before: int, connections_after: int) -> float:
+    """Han et al. 2015's dropout rule for retraining: ``rate * sqrt(C_after / C_before)``.
+
+    Dropout acts on neurons while a layer's connection count grows with the square of its neurons,
+    so a layer pruned to a fraction ``C_after / C_before`` of its connections gets its dropout
+    rate scaled by the square root (Han et al. 2015, Sec. 3.2, Eq. 2): a smaller network needs
+    less regularisation. ``C`` counts the connections of the layer whose outputs the dropout drops,
+    i.e. the kernel that feeds the Dropout (for ``Dense_0 -> Dropout -> Dense_1`` it is
+    ``Dense_0/kernel``). Counts come from :func:`connection_counts`; ``C_before`` is the dense
+    count (the kernel's size).
+
+    To apply the rate: for Linen, build a new module with it (``module.clone(rate=...)`` or the
+    module's own rate field); for NNX, set ``model.drop.rate = new`` (or pass ``dropout_rates`` to
+    the loss from :func:`nnx_loss`). A new rate recompiles the step once.
+
+    Args:
+      rate: the original dropout rate, in ``[0, 1)``.
+      connections_before: ``C_o``, the layer's connections before pruning, ``> 0``.
+      connections_after: ``C_r``, its connections now, in ``[0, C_o]``.
+
+    Returns:
+      The dropout rate for retraining.
+
+    Raises:
+      ValueError: on a rate outside ``[0, 1)`` or counts that are not ``0 <= C_r <= C_o``,
+        ``C_o > 0``.
+
+    >>> dropout_rate(0.5, 1000, 250)
+    0.25
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate!r}.")
+    if connections_before <= 0 or not 0 <= connections_after <= connections_before:
+        raise ValueError(
+            "need 0 <= connections_after <= connections_before and connections_before > 0, got "
+            f"connections_before={connections_before!r}, connections_after={connections_after!r}."
+        )
+    return float(rate * math.sqrt(connections_after / connections_before))
+
+
+def connection_counts(masks: PyTree) -> dict[str, tuple[int, int]]:
+    """Counts kept and total connections of each layer kernel in a mask tree.
+
+    A mask leaf counts as a layer's connections when it is an array with ``ndim >= 2`` (Dense and
+    Conv kernels, the leaves pruned by default); biases are not connections.
+
+    Args:
+      masks: a mask tree (see :func:`jaxprune.masks.compute_masks`).
+
+    Returns:
+      ``{path: (kept, total)}``, e.g. ``{'Dense_0/kernel': (12, 48)}``; feed ``total`` and
+      ``kept`` to :func:`dropout_rate` as ``C_before`` and ``C_after``.
+
+    >>> import numpy as np
+    >>> connection_counts({'fc': {'kernel': np.eye(3, dtype=bool), 'bias': np.ones(3, bool)}})
+    {'fc/kernel': (3, 9)}
+    """
+    return {
+        path: (int(np.count_nonzero(np.asarray(m))), int(np.size(m)))
+        for path, m in leaves_with_paths(masks)
+        if is_array(m) and np.ndim(m) >= 2
+    }
+
+
+def retrain_dropout_rates(
+    dropout: Mapping[str, tuple[float, str]], masks: PyTree
+) -> dict[str, float]:
+    """Applies :func:`dropout_rate` to each dropout layer, from the kernel that feeds it.
+
+    Args:
+      dropout: ``{dropout_name: (original_rate, kernel_path)}``, e.g.
+        ``{'drop1': (0.5, 'fc1/kernel')}``: the Dropout after ``fc1`` drops ``fc1``'s outputs.
+      masks: the current masks.
+
+    Returns:
+      ``{dropout_name: rate}``.
+
+    Raises:
+      ValueError: if a kernel path is not a kernel (``ndim >= 2``) of ``masks``.
+
+    >>> import numpy as np
+    >>> masks = {'fc1': {'kernel': np.array([[True, False], [False, False]])}}
+    >>> retrain_dropout_rates({'drop1': (0.5, 'fc1/kernel')}, masks)
+    {'drop1': 0.25}
+    """
+    counts = connection_counts(masks)
+    rates = {}
+    for name, (rate, path) in dropout.items():
+        if path not in counts:
+            raise ValueError(
+                f"dropout[{name!r}] follows {path!r}, which is not a kernel of masks; "
+                f"kernels are {sorted(counts)}."
+            )
+        kept, total = counts[path]
+        rates[name] = dropout_rate(rate, total, kept)
+    return rates
+
+
+class RoundRecord(NamedTuple):
+    """One pruning round of :func:`prune_and_retrain`'s history."""
+
+    round: int
+    q: float | dict[str, float] | None
+    sparsity: float | None
+    kept: dict[str, float]
+    kept_total: float
+    train_loss: float
+    metric: Any
+    learning_rate: float
+    dropout_rates: dict[str, float]
+
+
+class RoundsState(NamedTuple):
+    """What :func:`prune_and_retrain` yields after each round; pass it as ``resume`` to go on."""
+
+    round: int
+    params: PyTree
+    masks: PyTree
+    opt_state: optax.OptState
+    history: tuple[RoundRecord, ...]
+
+
+def _schedule_value(schedule: Schedule, r: int, rounds: int, *, name: str) -> Any:
+    if schedule is None:
+        return None
+    if callable(schedule):
+        value = schedule(r)
+    elif isinstance(schedule, Sequence):
+        if len(schedule) != rounds:
+            raise ValueError(f"{name} has {len(schedule)} entries, expected rounds={rounds}.")
+        value = schedule[r]
+    else:
+        value = schedule
+    if isinstance(value, Mapping):  # per-layer q, as compute_masks takes it
+        return {k: float(v) for k, v in value.items()}
+    return float(value)
+
+
+def _check_driver_args(q: Schedule, sparsity: Schedule, rounds: int, epochs: int) -> None:
+    if (q is None) == (sparsity is None):
+        raise ValueError("pass exactly one of q (Han's q*std rule) or sparsity (a target).")
+    if rounds < 1 or epochs < 1:
+        raise ValueError(f"rounds and epochs must be >= 1, got rounds={rounds}, epochs={epochs}.")
+
+
+def _default_optimizer(learning_rate: float) -> optax.GradientTransformation:
+    return optax.sgd(learning_rate, momentum=0.9)
+
+
+def prune_and_retrain(
+    params: PyTree,
+    loss_fn: LossFn,
+    batches: Callable[[int], Iterable[Batch]],
+    evaluate: Callable[[PyTree], Any],
+    *,
+    rounds: int,
+    learning_rate: float,
+    q: Schedule = None,
+    sparsity: Schedule = None,
+    scope: str = "layer",
+    lr_scale: float = 0.1,
+    optimizer: Callable[[float], optax.GradientTransformation] = _default_optimizer,
+    weight_decay: float = 0.0,
+    epochs: int = 1,
+    dropout: Mapping[str, tuple[float, str]] | None = None,
+    seed: int | jax.Array = 0,
+    where: Where | None = None,
+    resume: RoundsState | None = None,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+) -> Iterator[RoundsState]:
+    """Iterative pruning (Han et al. 2015, Sec. 3.3): each round prunes, then retrains.
+
+    Round ``r``: masks = ``compute_masks(params, q_r, previous=masks)`` (or
+    ``masks_for_sparsity(params, sparsity_r, ...)``), params are masked, dropout rates are rescaled
+    by :func:`dropout_rate`, and the survivors are retrained for ``epochs`` epochs with
+    ``keep_pruned(optimizer(learning_rate * lr_scale), masks, weight_decay=weight_decay)`` (Han
+    et al. retrain at 1/10 of the original rate; the L2 term is coupled, as in the paper). The
+    optimizer state is carried across rounds with new masks swapped in by
+    :func:`jaxprune.transform.update_masks`, so the step compiles once per distinct set of
+    dropout rates, not once per round; carried momentum cannot regrow pruned weights.
+
+    Everything random is derived from ``seed`` and the round number, and epoch ``e`` of round ``r``
+    reads ``batches(r * epochs + e)``, so resuming from a yielded state reproduces an
+    uninterrupted run (given a deterministic ``batches``).
+
+    Args:
+      params: trained dense (or already pruned) params: a Linen params dict or an NNX Param state.
+      loss_fn: ``loss_fn(params, batch, rng, dropout_rates) -> loss``; ``dropout_rates`` is a dict
+        of Python floats keyed like ``dropout`` (empty without it), to build the Linen module or
+        set the NNX rates (the loss from :func:`nnx_loss` takes it as is).
+      batches: ``batches(epoch) -> iterable of batches``; the driver loads no data itself.
+      evaluate: ``evaluate(params) -> metric`` (e.g. test accuracy), called after each round.
+      rounds: the number of prune -> retrain rounds.
+      learning_rate: the original (dense training) learning rate.
+      q: Han's quality parameter per round: a float, a sequence of ``rounds`` floats or a function
+        of the round index; any of these values may instead be a mapping from layer path or
+        pattern to q (as :func:`jaxprune.masks.compute_masks` takes it), since layers differ in
+        sensitivity. Exclusive with ``sparsity``.
+      sparsity: the target pruned fraction per round, same forms as ``q``.
+      scope: ``'layer'`` or ``'global'``, for ``sparsity``.
+      lr_scale: the retraining learning rate is ``learning_rate * lr_scale``.
+      optimizer: ``optimizer(lr) -> GradientTransformation``; default SGD with momentum 0.9.
+      weight_decay: the L2 coefficient (``>= 0``).
+      epochs: retraining epochs per round.
+      dropout: ``{name: (original_rate, kernel_path)}``; the Dropout named ``name`` drops the
+        outputs of the layer whose kernel is at ``kernel_path`` and follows its connection count.
+      seed: an int seed, or a PRNG key (any ``impl``), for the dropout RNGs.
+      where: the prunability rule passed to the mask functions.
+      resume: a state yielded by an earlier call with the same arguments; rounds before
+        ``resume.round`` are skipped.
+      on_epoch: ``on_epoch(round, epoch, mean_train_loss)`` after each epoch (progress bars).
+
+    Yields:
+      A :class:`RoundsState` after each round: ``round`` is the number of rounds done, and
+      ``history`` holds one :class:`RoundRecord` per round so far (q or sparsity, kept fraction per
+      prunable leaf and in total, mean train loss, metric, learning rate and dropout rates).
+
+    Raises:
+      ValueError: on both or neither of ``q``/``sparsity``, a schedule of the wrong length,
+        ``rounds`` or ``epochs`` below 1, a negative ``weight_decay``, a ``dropout`` kernel path
+        that is not in the masks, or an epoch without batches.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {'w': jax.random.normal(jax.random.key(0), (4, 3))}
+    >>> x = jax.random.normal(jax.random.key(1), (8, 4))
+    >>> loss = lambda p, b, rng, rates: jnp.mean((b @ p['w'] - 1.0) ** 2)
+    >>> runs = prune_and_retrain(params, loss, lambda e: [x] * 5, lambda p: 0.0, rounds=2,
+    ...                          learning_rate=0.1, sparsity=[0.5, 0.75])
+    >>> [h.kept_total for h in list(runs)[-1].history]
+    [0.5, 0.25]
+    """
+    _check_driver_args(q, sparsity, rounds, epochs)
+    dropout = dict(dropout or {})
+    lr = float(learning_rate) * float(lr_scale)
+    start = resume if resume is not None else RoundsState(0, params, None, None, ())
+    params, masks, opt_state, history = start.params, start.masks, start.opt_state, start.history
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+    tx = None
+    steps: dict[tuple, Callable] = {}
+    for r in range(start.round, rounds):
+        q_r = _schedule_value(q, r, rounds, name="q")
+        s_r = _schedule_value(sparsity, r, rounds, name="sparsity")
+        if q_r is not None:
+            masks = compute_masks(params, q_r, previous=masks, where=where)
+        else:
+            masks = masks_for_sparsity(params, s_r, scope=scope, previous=masks, where=where)
+        params = apply_masks(params, masks)
+        if tx is None:
+            tx = keep_pruned(optimizer(lr), masks, weight_decay=weight_decay)
+        opt_state = tx.init(params) if opt_state is None else update_masks(opt_state, masks)
+        rates = retrain_dropout_rates(dropout, masks)
+        rates_key = tuple(sorted(rates.items()))
+        if rates_key not in steps:
+            steps[rates_key] = make_retrain_step(
+                lambda p, b, rng, rates=rates: loss_fn(p, b, rng, rates), tx
+            )
+        state = RetrainState(params, opt_state, jax.random.fold_in(key, r), jnp.int32(0))
+        total_loss, total_steps = jnp.zeros(()), 0
+        for e in range(epochs):
+            epoch_loss, n = jnp.zeros(()), 0
+            for batch in batches(r * epochs + e):
+                state, metrics = steps[rates_key](state, batch)
+                epoch_loss, n = epoch_loss + metrics["loss"], n + 1
+            if n == 0:
+                raise ValueError(f"batches({r * epochs + e}) yielded no batch.")
+            total_loss, total_steps = total_loss + epoch_loss, total_steps + n
+            if on_epoch is not None:
+                on_epoch(r, e, float(epoch_loss) / n)
+        params, opt_state = state.params, state.opt_state
+        summary = summarize(params, masks, where=where)
+        record = RoundRecord(
+            round=r,
+            q=q_r,
+            sparsity=s_r,
+            kept={row.path: row.kept_fraction for row in summary.rows},
+            kept_total=summary.kept_fraction,
+            train_loss=float(total_loss) / total_steps,
+            metric=evaluate(params),
+            learning_rate=lr,
+            dropout_rates=rates,
+        )
+        history = (*history, record)
+        yield RoundsState(r + 1, params, masks, opt_state, history)

@@ -1,0 +1,611 @@
+"""Physically smaller models: dead-unit removal (``shrink``) and whole-neuron pruning.
+
+Han et al. 2015 (Sec. 3.4) observe that once connections are pruned, a neuron with no surviving
+input or output connections can be removed too. Removing units shrinks the dense matrices
+themselves, so plain dense inference gets faster without any sparse kernel.
+
+Params alone do not reveal a model's graph, so the caller names the chain: ``layers`` lists the
+path prefixes of the Dense / Conv layers in the order the data flows through them
+(``['fc1', 'fc2', 'fc3']`` for Linen, ``['layers/0', 'layers/1']`` for an NNX list). Between two
+listed layers only these may sit: the activation, dropout, pooling, and (from the last conv to the
+first dense layer) a row-major flatten of ``(N, H, W, C)`` features, as Flax models do with
+``x.reshape((N, -1))``. Residual connections, normalisation layers and anything else that mixes
+units cannot be followed; what can be checked is checked (kernel shapes must chain, every params
+leaf must belong to a listed layer, layers hold only ``kernel`` and optional ``bias``).
+
+How each layer kind is treated:
+
+- Dense kernels are ``(in, out)``; Conv kernels ``(*window, in, out)``; biases ``(out,)``.
+- The first layer's inputs and the last layer's outputs are the model's own, never removed.
+- Dense to dense: a hidden unit with no incoming connections outputs the constant
+  ``activation(bias)``; that constant times its outgoing weights is folded into the next bias
+  and the unit removed (kept if the next layer has no bias and the constant is non-zero).
+- Conv to conv, conv to dense across the flatten: a channel whose outgoing weights are all pruned
+  is removed. A channel whose filter is entirely pruned is removed only when its constant
+  ``activation(bias)`` is zero: a non-zero constant map does not survive zero padding and
+  pooling as a constant, so folding it would not be exact.
+- A layer never goes below one unit (Flax cannot build a zero-width layer); if every unit is
+  dead, one stays with all its weights zeroed, so it contributes nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._tree import PyTree, check_like, is_array, leaves_with_paths, path_str
+
+Activation = Callable[[Any], Any]
+
+_SCORES = ("incoming", "outgoing", "both")
+
+
+class _Layer(NamedTuple):
+    """One listed layer: its name and the paths of its leaves."""
+
+    name: str
+    kernel: str
+    bias: str | None
+    is_conv: bool
+
+
+class LayerShrink(NamedTuple):
+    """One row of :class:`ShrinkReport`: a layer's output units and weights before and after."""
+
+    layer: str
+    units_before: int
+    units_after: int
+    weights_before: int
+    weights_after: int
+
+
+class ShrinkReport(NamedTuple):
+    """Per-layer unit and weight counts of a :func:`shrink`; ``str()`` renders a table."""
+
+    rows: tuple[LayerShrink, ...]
+
+    @property
+    def hidden_before(self) -> int:
+        """Hidden units (outputs of every layer but the last) before shrinking."""
+        return sum(r.units_before for r in self.rows[:-1])
+
+    @property
+    def hidden_after(self) -> int:
+        """Hidden units after shrinking."""
+        return sum(r.units_after for r in self.rows[:-1])
+
+    @property
+    def weights_before(self) -> int:
+        """Kernel and bias entries of the chain before shrinking."""
+        return sum(r.weights_before for r in self.rows)
+
+    @property
+    def weights_after(self) -> int:
+        """Kernel and bias entries of the chain after shrinking."""
+        return sum(r.weights_after for r in self.rows)
+
+    def __str__(self) -> str:
+        header = ("layer", "units before", "units after", "weights before", "weights after")
+        body = [
+            (
+                r.layer,
+                f"{r.units_before:,}",
+                f"{r.units_after:,}",
+                f"{r.weights_before:,}",
+                f"{r.weights_after:,}",
+            )
+            for r in self.rows
+        ]
+        total = (
+            "total (units: hidden)",
+            f"{self.hidden_before:,}",
+            f"{self.hidden_after:,}",
+            f"{self.weights_before:,}",
+            f"{self.weights_after:,}",
+        )
+        widths = [max(len(row[i]) for row in [header, *body, total]) for i in range(5)]
+
+        def fmt(row: tuple[str, ...]) -> str:
+            cells = (
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+            return "  ".join(cells)
+
+        rule = "-" * len(fmt(header))
+        return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])
+
+
+class Shrunk(NamedTuple):
+    """What :func:`shrink` returns.
+
+    Attributes:
+      params: the smaller params, same tree structure and leaf names as the input.
+      masks: the masks cut down to the same shapes (all ``True`` if none were given), so
+        retraining of the small model can go on with them.
+      widths: the output width of each listed layer, e.g. ``(150, 50, 10)``: build the same model
+        class with these widths and load ``params`` into it.
+      report: per-layer before/after counts; ``print(report)`` shows a table.
+    """
+
+    params: PyTree
+    masks: PyTree
+    widths: tuple[int, ...]
+    report: ShrinkReport
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking the chain
+
+
+def _check_layers_arg(layers: Any) -> tuple[str, ...]:
+    if isinstance(layers, str) or not isinstance(layers, Sequence):
+        raise TypeError(
+            f"layers must be a sequence of layer paths such as ['fc1', 'fc2'], got "
+            f"{type(layers).__name__} {layers!r}."
+        )
+    if not layers:
+        raise ValueError("layers is empty; name the chain's layers in order, e.g. ['fc1', 'fc2'].")
+    for i, name in enumerate(layers):
+        if not isinstance(name, str):
+            raise TypeError(f"layers[{i}] is {type(name).__name__} {name!r}, expected a str path.")
+    dup = sorted({n for n in layers if list(layers).count(n) > 1})
+    if dup:
+        raise ValueError(f"layers names {dup} more than once; each layer may appear only once.")
+    return tuple(layers)
+
+
+def _owner(path: str, names: Sequence[str]) -> str | None:
+    return next((n for n in names if path.startswith(n + "/")), None)
+
+
+def _read_chain(params: PyTree, layers: Sequence[str], *, whole: bool) -> tuple[_Layer, ...]:
+    """Finds the listed layers in ``params`` and checks that they form a chain.
+
+    With ``whole``, every params leaf must belong to a listed layer (shrinking changes shapes,
+    so an unlisted layer fed by a shrunk one would silently break).
+    """
+    names = _check_layers_arg(layers)
+    leaves = dict(leaves_with_paths(params))
+    found: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for path, leaf in leaves.items():
+        owner = _owner(path, names)
+        if owner is None:
+            if whole:
+                raise ValueError(
+                    f"params leaf {path!r} belongs to no layer in layers={list(names)}. shrink "
+                    "follows only a plain chain of Dense/Conv layers and must see every layer "
+                    "whose shape it may change; list the layer in order, or shrink a model "
+                    "without it (residual connections and norm layers are not supported)."
+                )
+            continue
+        found[owner][path[len(owner) + 1 :]] = leaf
+    chain = []
+    for name in names:
+        chain.append(_read_layer(name, found[name], sorted(leaves)))
+    for prev, layer in itertools.pairwise(chain):
+        _check_link(prev, layer, leaves)
+    return tuple(chain)
+
+
+def _read_layer(name: str, leaves: dict[str, Any], all_paths: list[str]) -> _Layer:
+    if not leaves:
+        raise ValueError(
+            f"layers names {name!r}, but params has no leaf under {name + '/'!r}; "
+            f"params leaves are {all_paths[:8]}{' ...' if len(all_paths) > 8 else ''}."
+        )
+    unknown = sorted(set(leaves) - {"kernel", "bias"})
+    if unknown or "kernel" not in leaves:
+        raise ValueError(
+            f"layer {name!r} has leaves {sorted(leaves)}; shrink knows only Dense and Conv layers, "
+            "whose leaves are 'kernel' and an optional 'bias'. A layer of another type cannot be "
+            "followed: leave it out of the model you shrink."
+        )
+    kernel = leaves["kernel"]
+    if not (is_array(kernel) and kernel.ndim >= 2 and jnp.issubdtype(kernel.dtype, jnp.floating)):
+        got = (
+            f"shape {tuple(kernel.shape)} dtype {kernel.dtype}"
+            if is_array(kernel)
+            else type(kernel)
+        )
+        raise ValueError(
+            f"params[{name + '/kernel'!r}] is {got}; expected a floating-point Dense kernel "
+            "(in, out) or Conv kernel (*window, in, out)."
+        )
+    bias = leaves.get("bias")
+    if bias is not None and (not is_array(bias) or tuple(bias.shape) != (kernel.shape[-1],)):
+        got = tuple(bias.shape) if is_array(bias) else type(bias).__name__
+        raise ValueError(
+            f"params[{name + '/bias'!r}] has shape {got}, expected ({kernel.shape[-1]},) to match "
+            f"the {kernel.shape[-1]} outputs of {name + '/kernel'!r}."
+        )
+    return _Layer(
+        name, f"{name}/kernel", None if bias is None else f"{name}/bias", is_conv=kernel.ndim > 2
+    )
+
+
+def _check_link(prev: _Layer, layer: _Layer, leaves: dict[str, Any]) -> None:
+    out_shape, in_shape = leaves[prev.kernel].shape, leaves[layer.kernel].shape
+    n_out = out_shape[-1]
+    if layer.is_conv and not prev.is_conv:
+        raise ValueError(
+            f"layer {layer.name!r} (a Conv kernel {tuple(in_shape)}) follows the Dense layer "
+            f"{prev.name!r}; shrink cannot follow a dense-to-conv link."
+        )
+    if prev.is_conv and not layer.is_conv:  # across a flatten of (H, W, C) features
+        ok, what = in_shape[0] % n_out == 0, f"a multiple of {n_out} (H * W * {n_out})"
+    else:
+        ok, what = in_shape[-2] == n_out, f"{n_out}"
+    if not ok:
+        raise ValueError(
+            f"layers {prev.name!r} and {layer.name!r} do not chain: {prev.name!r} has {n_out} "
+            f"outputs (kernel {tuple(out_shape)}) but {layer.name!r} takes {in_shape[-2]} inputs "
+            f"(kernel {tuple(in_shape)}), expected {what}. Check the order of layers; a residual "
+            "connection or a reshape between them cannot be followed."
+        )
+
+
+def _activations(activation: Any, n_links: int) -> tuple[Activation, ...]:
+    if callable(activation):
+        return (activation,) * n_links
+    if isinstance(activation, Sequence) and all(callable(a) for a in activation):
+        if len(activation) != n_links:
+            raise ValueError(
+                f"activation has {len(activation)} entries, expected {n_links} (one per link "
+                "between consecutive layers), or pass a single callable."
+            )
+        return tuple(activation)
+    raise TypeError(
+        f"activation must be a callable such as jax.nn.relu or a sequence of them, got "
+        f"{type(activation).__name__}."
+    )
+
+
+def _check_masks(params: PyTree, masks: PyTree, chain: Sequence[_Layer], *, name: str) -> None:
+    check_like(params, masks, name=name)
+    of = dict(leaves_with_paths(masks))
+    for layer in chain:
+        for path in filter(None, (layer.kernel, layer.bias)):
+            mask = of[path]
+            if not (is_array(mask) and mask.dtype == bool):
+                got = f"dtype {mask.dtype}" if is_array(mask) else type(mask).__name__
+                raise ValueError(
+                    f"{name}[{path!r}] is {got}, expected a bool array (True = kept), "
+                    "as jaxprune.compute_masks returns."
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# A link between layer i and i + 1, seen unit by unit
+
+
+def _unit_major(kernel: np.ndarray, n: int, conv: bool) -> np.ndarray:
+    """The next layer's kernel as ``(n, positions, out)``: each unit's outgoing weights.
+
+    Dense: ``(n, out)``; conv: ``(*window, n, out)``; dense after a flatten of ``(H, W, n)``:
+    ``(H * W * n, out)`` with the channel varying fastest (row-major).
+    """
+    if conv:
+        return np.moveaxis(kernel, -2, 0).reshape(n, -1, kernel.shape[-1])
+    return kernel.reshape(-1, n, kernel.shape[-1]).transpose(1, 0, 2)
+
+
+def _take_inputs(kernel: np.ndarray, index: Any, n: int, conv: bool) -> np.ndarray:
+    if conv:
+        return kernel[..., index, :]
+    out = kernel.reshape(-1, n, kernel.shape[-1])[:, index, :]
+    return out.reshape(-1, kernel.shape[-1])
+
+
+def _set_inputs(kernel: np.ndarray, index: Any, n: int, conv: bool, value: Any) -> np.ndarray:
+    kernel = kernel.copy()
+    if conv:
+        kernel[..., index, :] = value
+        return kernel
+    view = kernel.reshape(-1, n, kernel.shape[-1])
+    view[:, index, :] = value
+    return view.reshape(kernel.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# shrink
+
+
+class _Chain(NamedTuple):
+    """The chain's arrays, as host NumPy copies (shapes change, so nothing here is traced)."""
+
+    kernels: list[np.ndarray]
+    biases: list[np.ndarray | None]
+    kernel_masks: list[np.ndarray]
+    bias_masks: list[np.ndarray | None]
+
+
+def _shrink_link(c: _Chain, i: int, act: Activation, conv_next: bool) -> bool:
+    """Removes the dead units between layer ``i`` and ``i + 1``; says whether anything changed."""
+    kernel, nxt = c.kernels[i], c.kernels[i + 1]
+    n = kernel.shape[-1]
+    bias = c.biases[i] if c.biases[i] is not None else np.zeros(n, kernel.dtype)
+    has_in = (kernel.reshape(-1, n) != 0).any(axis=0)
+    outgoing = _unit_major(nxt, n, conv_next)
+    has_out = (outgoing != 0).any(axis=(1, 2))
+    const = np.zeros(n)  # the constant output of units with no inputs
+    if not has_in.all():  # only then: each new shape costs an eager dispatch and compile
+        const[~has_in] = np.asarray(act(jnp.asarray(bias[~has_in])), dtype=np.float64)
+    # Folding is exact only dense-to-dense, into a bias; see the module docstring for conv.
+    foldable = kernel.ndim == 2 and c.biases[i + 1] is not None
+    fold = ~has_in & has_out & (const != 0) & foldable
+    remove = ~has_out | (~has_in & (const == 0)) | fold
+    spare = bool(remove.all())
+    if spare:  # keep one unit, inert, since a zero-width layer cannot be built
+        remove[0] = False
+    changed = bool(remove.any() or fold.any())
+    if fold.any():
+        contribution = np.einsum("n,npm->m", const * fold, outgoing.astype(np.float64))
+        nb = c.biases[i + 1]
+        c.biases[i + 1] = (nb.astype(np.float64) + contribution).astype(nb.dtype)
+    if spare:
+        changed |= _make_inert(c, i, conv_next)
+    if remove.any():
+        keep = ~remove
+        c.kernels[i] = c.kernels[i][..., keep]
+        c.kernel_masks[i] = c.kernel_masks[i][..., keep]
+        if c.biases[i] is not None:
+            c.biases[i] = c.biases[i][keep]
+            c.bias_masks[i] = c.bias_masks[i][keep]
+        c.kernels[i + 1] = _take_inputs(c.kernels[i + 1], keep, n, conv_next)
+        c.kernel_masks[i + 1] = _take_inputs(c.kernel_masks[i + 1], keep, n, conv_next)
+    return changed
+
+
+def _make_inert(c: _Chain, i: int, conv_next: bool) -> bool:
+    """Zeroes (and masks out) unit 0's inputs, bias and outputs; says whether it was not yet so."""
+    n = c.kernels[i].shape[-1]
+    before = (
+        c.kernels[i][..., 0].any()
+        or (c.biases[i] is not None and c.biases[i][0] != 0)
+        or _unit_major(c.kernels[i + 1], n, conv_next)[0].any()
+    )
+    for arrays, zero in ((c.kernels, 0), (c.kernel_masks, False)):
+        arrays[i] = arrays[i].copy()
+        arrays[i][..., 0] = zero
+        arrays[i + 1] = _set_inputs(arrays[i + 1], 0, n, conv_next, zero)
+    if c.biases[i] is not None:
+        c.biases[i] = c.biases[i].copy()
+        c.biases[i][0] = 0
+        c.bias_masks[i] = c.bias_masks[i].copy()
+        c.bias_masks[i][0] = False
+    return bool(before)
+
+
+def _gather(chain: Sequence[_Layer], params: PyTree, masks: PyTree | None) -> _Chain:
+    p = dict(leaves_with_paths(params))
+    m = dict(leaves_with_paths(masks)) if masks is not None else {}
+
+    def mask(path: str) -> np.ndarray:
+        return np.array(m[path], dtype=bool) if path in m else np.ones(p[path].shape, bool)
+
+    kernels, biases, kmasks, bmasks = [], [], [], []
+    for layer in chain:
+        km = mask(layer.kernel)
+        kernels.append(np.where(km, np.asarray(p[layer.kernel]), 0).astype(p[layer.kernel].dtype))
+        kmasks.append(km)
+        if layer.bias is None:
+            biases.append(None)
+            bmasks.append(None)
+        else:
+            bm = mask(layer.bias)
+            biases.append(np.where(bm, np.asarray(p[layer.bias]), 0).astype(p[layer.bias].dtype))
+            bmasks.append(bm)
+    return _Chain(kernels, biases, kmasks, bmasks)
+
+
+def _rebuild(tree: PyTree, new_of: dict[str, Any]) -> PyTree:
+    """``tree`` with the leaves named in ``new_of`` replaced (NNX Variable wrappers are kept)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return jax.tree_util.tree_unflatten(
+        treedef, [new_of.get(path_str(keypath), leaf) for keypath, leaf in flat]
+    )
+
+
+def _size(a: np.ndarray | None) -> int:
+    return 0 if a is None else int(a.size)
+
+
+def shrink(
+    params: PyTree,
+    *,
+    layers: Sequence[str],
+    activation: Activation | Sequence[Activation] = jax.nn.relu,
+    masks: PyTree | None = None,
+) -> Shrunk:
+    """Removes dead hidden units, returning smaller dense params and the new layer widths.
+
+    A hidden unit is dead when none of its incoming connections survive (it outputs the constant
+    ``activation(bias)``, which is folded into the next layer's bias) or none of its outgoing ones
+    do (it contributes nothing). Removing a unit can kill its neighbours, so removal repeats until
+    nothing changes (Han et al. 2015, Sec. 3.4). A connection survives when its mask is ``True``
+    and its weight is non-zero. The module docstring says how conv layers, the flatten and
+    bias-less layers are treated. The result computes what the pruned model computes (up to
+    float rounding of the folded biases).
+
+    Args:
+      params: a Linen ``variables['params']`` dict or an NNX ``nnx.state(model, nnx.Param)``; every
+        leaf must belong to a layer named in ``layers``.
+      layers: the chain's layer paths in data-flow order, e.g. ``['fc1', 'fc2', 'fc3']``.
+      activation: the function applied to each hidden layer's output (used to fold constant
+        units): one callable for all, or one per link (``len(layers) - 1``; e.g. identity after
+        LeNet-5's convs).
+      masks: pruning masks matching ``params`` (see :func:`jaxprune.masks.compute_masks`); pruned
+        entries count as zero. ``None`` uses the weights' own zeros.
+
+    Returns:
+      A :class:`Shrunk` ``(params, masks, widths, report)``. Build the same model class with
+      ``widths`` and load ``params``: Linen ``model.apply({'params': params}, x)``, NNX
+      ``nnx.update(new_model, params)``. The input is not modified.
+
+    Raises:
+      TypeError: if ``layers`` is not a sequence of str or ``activation`` not callable.
+      ValueError: naming the layer or leaf, if a leaf belongs to no listed layer, a layer is not a
+        Dense/Conv layer, consecutive kernel shapes do not chain, a dense layer feeds a conv, or
+        ``masks`` does not match ``params``.
+
+    >>> import numpy as np
+    >>> params = {'fc1': {'kernel': np.array([[1.0, 0.0, 2.0]]), 'bias': np.array([0.0, 3.0, 0.0])},
+    ...           'fc2': {'kernel': np.array([[1.0], [1.0], [0.0]]), 'bias': np.array([0.5])}}
+    >>> out = shrink(params, layers=['fc1', 'fc2'])
+    >>> out.widths, out.params['fc2']['bias'].tolist()  # 1 folded: relu(3) * 1; 2 dropped
+    ((1, 1), [3.5])
+    """
+    chain = _read_chain(params, layers, whole=True)
+    acts = _activations(activation, len(chain) - 1)
+    if masks is not None:
+        _check_masks(params, masks, chain, name="masks")
+    c = _gather(chain, params, masks)
+    before = [(k.shape[-1], _size(k) + _size(b)) for k, b in zip(c.kernels, c.biases, strict=True)]
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(chain) - 1):
+            changed |= _shrink_link(c, i, acts[i], chain[i + 1].is_conv)
+
+    new_params: dict[str, Any] = {}
+    new_masks: dict[str, Any] = {}
+    for layer, k, b, km, bm in zip(chain, *c, strict=True):
+        new_params[layer.kernel], new_masks[layer.kernel] = jnp.asarray(k), jnp.asarray(km)
+        if layer.bias is not None:
+            new_params[layer.bias], new_masks[layer.bias] = jnp.asarray(b), jnp.asarray(bm)
+    rows = tuple(
+        LayerShrink(layer.name, nb, k.shape[-1], wb, _size(k) + _size(b))
+        for layer, (nb, wb), k, b in zip(chain, before, c.kernels, c.biases, strict=True)
+    )
+    mask_tree = masks if masks is not None else params
+    return Shrunk(
+        params=_rebuild(params, new_params),
+        masks=_rebuild(mask_tree, new_masks),
+        widths=tuple(k.shape[-1] for k in c.kernels),
+        report=ShrinkReport(rows),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Neuron (structured) pruning
+
+
+def _fractions(fraction: Any, n_links: int) -> tuple[float, ...]:
+    is_seq = isinstance(fraction, Sequence) and not isinstance(fraction, str)
+    values = fraction if is_seq else (fraction,) * n_links
+    if len(values) != n_links:
+        raise ValueError(
+            f"fraction has {len(values)} entries, expected {n_links} (one per hidden layer, i.e. "
+            "every listed layer but the last), or pass one float."
+        )
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+            raise TypeError(f"fraction must be a float in [0, 1), got {type(v).__name__} {v!r}.")
+        if not 0.0 <= float(v) < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), got {v!r}.")
+        out.append(float(v))
+    return tuple(out)
+
+
+def _scores(c: _Chain, i: int, conv_next: bool, score: str) -> np.ndarray:
+    kernel = c.kernels[i].astype(np.float64)
+    n = kernel.shape[-1]
+    incoming = np.sqrt((kernel.reshape(-1, n) ** 2).sum(axis=0))
+    out = _unit_major(c.kernels[i + 1].astype(np.float64), n, conv_next)
+    outgoing = np.sqrt((out**2).sum(axis=(1, 2)))
+    return {"incoming": incoming, "outgoing": outgoing, "both": incoming * outgoing}[score]
+
+
+def neuron_masks(
+    params: PyTree,
+    fraction: float | Sequence[float],
+    *,
+    layers: Sequence[str],
+    score: str = "incoming",
+    previous: PyTree | None = None,
+) -> PyTree:
+    """Masks that prune whole hidden units (neurons, or conv channels) of the smallest L2 norm.
+
+    In every hidden layer (each listed layer but the last), ``floor(fraction * n + 0.5)`` of its
+    ``n`` output units are pruned: the unit's incoming weights (its kernel column or filter), its
+    bias entry and its outgoing weights in the next layer all get ``False``, so the unit neither
+    computes nor contributes, retraining with the masks keeps it at zero, and :func:`shrink`
+    then removes it. Ranking uses the weights as pruned by ``previous``; ties go to the lower
+    index.
+
+    The ``score`` of unit ``j``, with ``W_in[:, j]`` its incoming and ``W_out[j, :]`` its outgoing
+    weights:
+
+    - ``'incoming'`` (default): ``||W_in[:, j]||``;
+    - ``'outgoing'``: ``||W_out[j, :]||``;
+    - ``'both'``: ``||W_in[:, j]|| * ||W_out[j, :]||``, which (unlike either norm alone) does not
+      change when a ReLU unit's inputs are scaled by ``a > 0`` and its outputs by ``1 / a``.
+
+    The default is chosen by measurement, not by that symmetry argument: on LeNet-300-100 trained
+    on MNIST (Adam, 4 epochs, three seeds), pruning half of each hidden layer without retraining
+    kept 88.4 / 83.2 / 76.6% test accuracy with ``'incoming'``, 78.4 / 74.8 / 72.0% with
+    ``'outgoing'`` and 79.7 / 70.7 / 71.5% with ``'both'`` (dense: 97.4 / 97.9 / 97.6%).
+
+    Args:
+      params: a Linen params dict or an NNX state. Leaves outside ``layers`` are not pruned.
+      fraction: the fraction of units to prune per hidden layer, in ``[0, 1)``; one float, or
+        one per hidden layer.
+      layers: the chain's layer paths in data-flow order (see :func:`shrink`).
+      score: ``'incoming'``, ``'outgoing'`` or ``'both'``.
+      previous: masks to compose with (e.g. Han's unstructured masks): their pruned connections
+        stay pruned, and units they already emptied rank first.
+
+    Returns:
+      A mask tree with the structure of ``params``, like :func:`jaxprune.masks.compute_masks`'s.
+
+    Raises:
+      TypeError: on a malformed ``layers`` or ``fraction``.
+      ValueError: on ``fraction`` outside ``[0, 1)``, an unknown ``score``, a listed layer that is
+        not Dense/Conv, layers that do not chain, or ``previous`` not matching ``params``.
+
+    >>> import numpy as np
+    >>> params = {'fc1': {'kernel': np.array([[1.0, 0.1, 2.0]]), 'bias': np.zeros(3)},
+    ...           'fc2': {'kernel': np.ones((3, 1)), 'bias': np.zeros(1)}}
+    >>> m = neuron_masks(params, 1 / 3, layers=['fc1', 'fc2'])
+    >>> m['fc1']['kernel'].tolist(), m['fc2']['kernel'][:, 0].tolist()
+    ([[True, False, True]], [True, False, True])
+    """
+    if score not in _SCORES:
+        raise ValueError(f"score must be one of {_SCORES}, got {score!r}.")
+    chain = _read_chain(params, layers, whole=False)
+    fractions = _fractions(fraction, len(chain) - 1)
+    if previous is not None:
+        _check_masks(params, previous, chain, name="previous")
+    c = _gather(chain, params, previous)
+    for i, f in enumerate(fractions):
+        conv_next = chain[i + 1].is_conv
+        n = c.kernels[i].shape[-1]
+        order = np.argsort(_scores(c, i, conv_next, score), kind="stable")
+        pruned = order[: math.floor(f * n + 0.5)]
+        c.kernel_masks[i][..., pruned] = False
+        if c.bias_masks[i] is not None:
+            c.bias_masks[i][pruned] = False
+        c.kernel_masks[i + 1] = _set_inputs(c.kernel_masks[i + 1], pruned, n, conv_next, False)
+
+    new: dict[str, Any] = {}
+    for layer, km, bm in zip(chain, c.kernel_masks, c.bias_masks, strict=True):
+        new[layer.kernel] = jnp.asarray(km)
+        if layer.bias is not None:
+            new[layer.bias] = jnp.asarray(bm)
+    if previous is not None:
+        return _rebuild(previous, new)
+    # Leaves outside the chain keep everything, as in compute_masks. NumPy, then one transfer:
+    # jnp.ones would compile once per new shape.
+    keep_all = {
+        p: jnp.asarray(np.ones(leaf.shape, bool)) if is_array(leaf) else True
+        for p, leaf in leaves_with_paths(params)
+    }
+    return _rebuild(params, {**keep_all, **new})

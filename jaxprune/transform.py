@@ -1,0 +1,352 @@
+"""Optax transformations that retrain only the surviving connections.
+
+Masks are arrays, so they live in the optimizer state (not in a closure, unlike ``optax.masked``):
+:func:`update_masks` swaps them between pruning rounds and a jitted step that takes the optimizer
+state as an argument does not recompile.
+
+How each kind of leaf is treated: floating-point updates are masked (``True`` = kept); integer,
+boolean or ``float0`` updates and non-array leaves pass through unchanged; ``None`` subtrees stay
+``None``. Masks are boolean arrays of the leaf's shape, or the Python value ``True`` for non-array
+leaves, as :func:`jaxprune.masks.compute_masks` makes them. Masks built from an NNX
+``nnx.state(model, nnx.Param)`` and from the plain arrays inside it are interchangeable: leaves are
+matched by path (``'layers/0/kernel'``), not by the Variable wrappers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxprune._tree import PyTree, check_like, is_array, leaves_with_paths
+
+
+class PruneGradientsState(NamedTuple):
+    """State of :func:`prune_gradients`: the current masks (``True`` = connection kept)."""
+
+    masks: PyTree
+
+
+class KeepPrunedState(NamedTuple):
+    """State of :func:`keep_pruned`: the current masks and the wrapped optimizer's state."""
+
+    masks: PyTree
+    inner_state: optax.OptState
+
+
+_MASKED_STATES = (PruneGradientsState, KeepPrunedState)
+
+
+def _pure(tree: PyTree) -> PyTree:
+    # NNX Variables (Param, OptState) wrap arrays; comparing pure arrays lets masks made from an
+    # nnx.State match the plain arrays nnx.Optimizer hands to optax, and the other way round.
+    return nnx.as_pure(tree)
+
+
+def _check_weight_decay(weight_decay: float) -> float:
+    if isinstance(weight_decay, jax.core.Tracer):
+        raise TypeError("weight_decay must be a Python float, got a traced value.")
+    value = float(weight_decay)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"weight_decay must be a finite number >= 0, got {weight_decay!r}. It is the L2 "
+            "coefficient added to the surviving gradients (Han et al. 2015 retrain with L2)."
+        )
+    return value
+
+
+def _as_mask_tree(masks: PyTree, *, name: str) -> PyTree:
+    """Validates mask dtypes and returns the masks as pure boolean JAX arrays (a new tree)."""
+    for path, leaf in leaves_with_paths(_pure(masks)):
+        if is_array(leaf):
+            if leaf.dtype != np.bool_:
+                raise TypeError(
+                    f"{name}[{path!r}] has dtype {leaf.dtype}, expected bool (True = kept). "
+                    "Build masks with jaxprune.compute_masks or compare, e.g. `w != 0`."
+                )
+        elif leaf is not True:
+            raise TypeError(
+                f"{name}[{path!r}] is {type(leaf).__name__} {leaf!r}; a mask leaf must be a bool "
+                "array (or True for a non-array leaf)."
+            )
+    return jax.tree.map(lambda m: jnp.asarray(m) if is_array(m) else m, _pure(masks))
+
+
+def _is_float_array(x: Any) -> bool:
+    return is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _map_masked(fn: Callable[..., Any], updates: PyTree, masks: PyTree, *others: PyTree) -> PyTree:
+    """Applies ``fn(update, mask, *other)`` to each floating-point leaf of ``updates``.
+
+    Leaves are paired in flattening order after checking their paths, so NNX Variable wrappers on
+    either side do not matter; the result has the tree structure of ``updates``.
+    """
+    check_like(_pure(updates), masks, name="masks")
+    flat, treedef = jax.tree.flatten(updates)
+    columns = [jax.tree.leaves(masks)] + [jax.tree.leaves(o) for o in others]
+    out = [
+        fn(u, *rest) if _is_float_array(u) else u for u, *rest in zip(flat, *columns, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _masked_gradient(weight_decay: float) -> Callable[..., Any]:
+    def one(g: jax.Array, m: Any, p: Any = None) -> jax.Array:
+        if p is not None:
+            g = g + jnp.asarray(weight_decay, g.dtype) * p
+        if m is True:
+            return g
+        return jnp.where(m, g, jnp.zeros((), g.dtype))
+
+    return one
+
+
+def _prune_grads(updates: PyTree, masks: PyTree, params: PyTree, weight_decay: float) -> PyTree:
+    if weight_decay == 0.0:
+        return _map_masked(_masked_gradient(0.0), updates, masks)
+    if params is None:
+        raise ValueError(
+            f"weight_decay={weight_decay} needs the params: call update(grads, state, params)."
+        )
+    return _map_masked(_masked_gradient(weight_decay), updates, masks, _pure(params))
+
+
+def prune_gradients(masks: PyTree, *, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Zeroes the gradients of pruned connections and adds L2 decay to the surviving ones.
+
+    For each floating-point leaf the update becomes ``where(mask, g + weight_decay * w, 0)``. This
+    is the coupled L2 penalty of Han et al. 2015 (Sec. 3.1), applied *before* the optimizer as a
+    gradient term, so it goes through momentum or Adam's scaling like the loss gradient does. For
+    AdamW's decoupled decay leave ``weight_decay=0`` and use the optimizer's own. The decay applies
+    to every floating-point leaf (biases too); to exclude some, keep ``weight_decay=0`` and put
+    ``optax.add_decayed_weights(wd, mask=...)`` before this transformation.
+
+    Masking the gradients alone keeps pruned weights at zero only for optimizers whose update of a
+    zero gradient is zero: plain SGD, or any optimizer started from a fresh state. An optimizer
+    whose state carries momentum from before pruning moves pruned weights again. Use
+    :func:`keep_pruned` for the guarantee.
+
+    Args:
+      masks: a mask tree matching the params (see :func:`jaxprune.masks.compute_masks`).
+      weight_decay: the L2 coefficient, ``>= 0``.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`PruneGradientsState`.
+
+    Raises:
+      ValueError: on a negative or non-finite ``weight_decay``; from ``init``/``update``, when the
+        masks do not match the params/updates (naming the leaf path), or when ``weight_decay > 0``
+        and ``update`` gets no params.
+      TypeError: if a mask leaf is not boolean.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {'w': jnp.array([[1.0, 2.0]])}
+    >>> tx = prune_gradients({'w': jnp.array([[True, False]])}, weight_decay=0.5)
+    >>> updates, _ = tx.update({'w': jnp.array([[1.0, 1.0]])}, tx.init(params), params)
+    >>> updates['w'].tolist()
+    [[1.5, 0.0]]
+    """
+    weight_decay = _check_weight_decay(weight_decay)
+    masks = _as_mask_tree(masks, name="masks")
+
+    def init_fn(params: optax.Params) -> PruneGradientsState:
+        check_like(_pure(params), masks, name="masks")
+        return PruneGradientsState(masks=masks)
+
+    def update_fn(
+        updates: optax.Updates, state: PruneGradientsState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, PruneGradientsState]:
+        return _prune_grads(updates, state.masks, params, weight_decay), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _hold_pruned(u: jax.Array, m: Any, p: Any = None) -> jax.Array:
+    if m is True:
+        return u
+    # -p turns a pruned weight that is not yet zero into exactly 0.0 (x + -x == +0.0 in IEEE).
+    held = jnp.zeros((), u.dtype) if p is None else -p.astype(u.dtype)
+    return jnp.where(m, u, held)
+
+
+def keep_pruned(
+    inner: optax.GradientTransformation, masks: PyTree, *, weight_decay: float = 0.0
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer so that pruned connections stay exactly zero. The documented way.
+
+    It masks twice. Before ``inner``, like :func:`prune_gradients`: gradients of pruned connections
+    are zeroed and ``weight_decay * w`` (Han et al. 2015's L2, Sec. 3.1) is added to the survivors.
+    After ``inner``, the final updates of pruned connections are replaced by ``-w``, so that
+    ``optax.apply_updates`` lands on exactly ``0.0``.
+
+    Why the second mask: a zero gradient does not make a zero update once the optimizer has state.
+    SGD with momentum or Nesterov keeps applying the velocity it built before pruning; Adam and
+    RMSProp divide a decaying first moment by ``sqrt(v) + eps``; AdamW's decoupled decay and any
+    transformation added after the gradient step see the weight, not the gradient. Each of these
+    moves a pruned weight off zero ("regrowth"). Masking the final update removes every such path
+    whatever ``inner`` is. Using ``-w`` rather than ``0`` also zeroes a pruned weight that was not
+    zero yet (params not passed through :func:`jaxprune.masks.apply_masks`, or masks just tightened
+    by :func:`update_masks`) on the next step. Surviving connections get exactly the update
+    ``inner`` computes from their masked, decayed gradients.
+
+    Pass params to ``update`` (as ``optax.apply_updates`` users do): without them pruned updates
+    are ``0``, which keeps pruned weights where they are, so they must already be zero.
+
+    Args:
+      inner: the optimizer to wrap, e.g. ``optax.sgd(lr, momentum=0.9)`` or ``optax.adamw(lr)``.
+      masks: a mask tree matching the params (see :func:`jaxprune.masks.compute_masks`).
+      weight_decay: the L2 coefficient, ``>= 0``, added to the surviving gradients before
+        ``inner``. Leave it at ``0`` for optimizers with their own decoupled decay (AdamW).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`KeepPrunedState`; extra
+      keyword arguments to ``update`` are passed on to ``inner``.
+
+    Raises:
+      ValueError: on a negative or non-finite ``weight_decay``; from ``init``/``update``, when the
+        masks do not match the params/updates (naming the leaf path), or when ``weight_decay > 0``
+        and ``update`` gets no params.
+      TypeError: if a mask leaf is not boolean.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {'w': jnp.array([[1.0, 0.0]])}
+    >>> tx = keep_pruned(optax.sgd(0.1, momentum=0.9), {'w': jnp.array([[True, False]])})
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...     updates, state = tx.update({'w': jnp.array([[1.0, 1.0]])}, state, params)
+    ...     params = optax.apply_updates(params, updates)
+    >>> params['w'][0, 1].item()
+    0.0
+    """
+    weight_decay = _check_weight_decay(weight_decay)
+    masks = _as_mask_tree(masks, name="masks")
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: optax.Params) -> KeepPrunedState:
+        check_like(_pure(params), masks, name="masks")
+        return KeepPrunedState(masks=masks, inner_state=inner.init(params))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: KeepPrunedState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, KeepPrunedState]:
+        grads = _prune_grads(updates, state.masks, params, weight_decay)
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        if params is None:
+            updates = _map_masked(_hold_pruned, updates, state.masks)
+        else:
+            updates = _map_masked(_hold_pruned, updates, state.masks, _pure(params))
+        return updates, KeepPrunedState(masks=state.masks, inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _regrown(old: PyTree, new: PyTree) -> list[tuple[str, int]]:
+    """Lists ``(path, count)`` of connections pruned in ``old`` but kept in ``new``."""
+    found = []
+    for (path, o), n in zip(leaves_with_paths(old), jax.tree.leaves(new), strict=True):
+        if not is_array(o):
+            continue
+        if isinstance(o, jax.core.Tracer) or isinstance(n, jax.core.Tracer):
+            raise TypeError(
+                "update_masks checks that new_masks only prune further, which needs concrete "
+                "masks; call it outside jax.jit, or pass allow_regrow=True to skip the check."
+            )
+        count = int(np.count_nonzero(np.asarray(n) & ~np.asarray(o)))
+        if count:
+            found.append((path, count))
+    return found
+
+
+def _placed_like(new: Any, old: Any) -> Any:
+    # Same dtype and placement as the old mask, so a jitted step sees an identical signature.
+    if not is_array(new):
+        return new
+    new = jnp.asarray(new, dtype=bool)
+    if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
+        new = jax.device_put(new, old.sharding)
+    return new
+
+
+def _swap_masks(state: Any, new_masks: PyTree, allow_regrow: bool) -> Any:
+    old = state.masks
+    check_like(_pure(old), _pure(new_masks), name="new_masks")
+    new = _as_mask_tree(new_masks, name="new_masks")
+    if not allow_regrow:
+        regrown = _regrown(_pure(old), new)
+        if regrown:
+            shown = ", ".join(f"{p!r} ({c} connections)" for p, c in regrown[:5])
+            raise ValueError(
+                f"new_masks keeps connections that the current masks prune: {shown}. Pruning "
+                "rounds only remove connections (pass previous= to compute_masks). To revive "
+                "pruned weights on purpose, pass allow_regrow=True; they restart from 0.0."
+            )
+    flat_old, treedef = jax.tree.flatten(old)
+    placed = [_placed_like(n, o) for n, o in zip(jax.tree.leaves(new), flat_old, strict=True)]
+    return state._replace(masks=jax.tree.unflatten(treedef, placed))
+
+
+def update_masks(
+    opt_state: optax.OptState, new_masks: PyTree, *, allow_regrow: bool = False
+) -> optax.OptState:
+    """Returns a copy of ``opt_state`` with the masks of every jaxprune state replaced.
+
+    It finds each :class:`PruneGradientsState` and :class:`KeepPrunedState` wherever it sits (in an
+    ``optax.chain``, inside wrappers such as ``optax.MultiSteps`` or ``inject_hyperparams``, or in
+    an ``nnx.Optimizer``'s ``opt_state``, whose Variable wrappers are kept) and swaps in
+    ``new_masks`` with the old masks' dtype, tree structure and device placement, so a jitted step
+    taking the state as an argument does not recompile. The rest of the state (momentum, step
+    counts) is kept. By default the new masks must be a subset of the current ones: a pruning round
+    only removes connections.
+
+    Args:
+      opt_state: an optimizer state built by a transformation containing :func:`keep_pruned` or
+        :func:`prune_gradients`.
+      new_masks: masks matching the params, e.g. ``compute_masks(params, q, previous=old)``.
+      allow_regrow: allow ``new_masks`` to keep connections that are pruned now. Revived weights
+        restart from ``0.0`` (they were held there) and get gradients again. Needs no concrete
+        masks, so it also works under ``jax.jit``.
+
+    Returns:
+      The new optimizer state; ``opt_state`` is not modified.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no jaxprune state, if ``new_masks`` does not match the
+        current masks in structure or shapes (naming the leaf path), or if it revives pruned
+        connections without ``allow_regrow``.
+      TypeError: if a mask leaf is not boolean, or if masks are traced and ``allow_regrow`` is
+        False (the subset check needs values).
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {'w': jnp.ones((1, 3))}
+    >>> tx = optax.chain(prune_gradients({'w': jnp.ones((1, 3), bool)}), optax.sgd(0.5))
+    >>> state = update_masks(tx.init(params), {'w': jnp.array([[True, False, True]])})
+    >>> tx.update({'w': jnp.ones((1, 3))}, state, params)[0]['w'].tolist()
+    [[-0.5, -0.0, -0.5]]
+    """
+    found = 0
+
+    def swap(node: Any) -> Any:
+        nonlocal found
+        if isinstance(node, _MASKED_STATES):
+            found += 1
+            return _swap_masks(node, new_masks, allow_regrow)
+        return node
+
+    result = jax.tree.map(swap, opt_state, is_leaf=lambda x: isinstance(x, _MASKED_STATES))
+    if not found:
+        raise ValueError(
+            f"opt_state ({type(opt_state).__name__}) holds no PruneGradientsState or "
+            "KeepPrunedState: build the optimizer with jaxprune.keep_pruned(inner, masks) (or put "
+            "jaxprune.prune_gradients(masks) in its chain) and pass the state its init returned."
+        )
+    return result
