@@ -11,7 +11,7 @@ script trains LeNet-300-100 briefly and compares, side by side in one run:
 
 and times plain dense inference (jitted ``model.apply``) of each shrunk model against the original
 at batch 1, 64 and 1024. Ratios are measured interleaved in one run since absolute times drift on a
-shared machine. Data: real MNIST from ``--data`` (default ``/work/shared/data/mnist`` when it
+shared machine. Data: real MNIST from ``--data`` (default ``../shared/data/mnist`` beside the checkout, when it
 exists), else scikit-learn's 8x8 digits. ``--quick`` trains on the digits for a few steps only.
 
 Run: ``.venv/bin/python benchmarks/shrink.py [--quick] [--data DIR]``.
@@ -39,7 +39,7 @@ from jaxprune.structured import neuron_masks, shrink
 from jaxprune.transform import keep_pruned, update_masks
 
 LAYERS = ("fc1", "fc2", "fc3")
-DEFAULT_MNIST = pathlib.Path("/work/shared/data/mnist")
+DEFAULT_MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 BATCHES = (1, 64, 1024)
 
 
