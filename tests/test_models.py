@@ -2,6 +2,7 @@
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -214,3 +215,11 @@ def test_dense_layer_names_match_the_param_paths():
 def test_count_params_counts_every_leaf():
     tree = {"a": np.zeros((3, 4)), "b": [np.zeros(5), np.zeros((2, 2, 2))]}
     assert count_params(tree) == 12 + 5 + 8
+
+
+def test_reshape_max_pool_matches_flax_max_pool():
+    from jaxprune.models import _max_pool_2x2
+
+    x = np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype(np.float32)
+    expected = nn.max_pool(jnp.asarray(x), (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(_max_pool_2x2(jnp.asarray(x)), expected)
