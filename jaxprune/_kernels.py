@@ -1,0 +1,183 @@
+"""Weight layouts for ``x @ W`` with a pruned ``W``, and the rule that picks one per layer.
+
+Every layout is built once, on the host, from the kept entries of a 2-D matrix ``W`` of shape
+``(K, N)`` (``K`` inputs, ``N`` outputs) and is a dict of arrays, so it can be a ``jax.jit``
+argument. :func:`matmul` computes ``x @ W`` for ``x`` of shape ``(rows, K)`` in any layout:
+
+- ``'dense'``: the full ``(K, N)`` matrix; XLA's dense GEMM. Wins at high density and large batch.
+- ``'bcoo'``: ``jax.experimental.sparse.BCOO``; gather, multiply, scatter-add with an
+  ``nse x rows`` temporary. Kept as a reference; it rarely wins on CPU.
+- ``'bcsr'``: ``BCSR`` of ``W.T``, run as ``(W.T @ x.T).T``, the only orientation with a native
+  fast path; the batch is padded to a multiple of 8 since fewer rows take a much slower route.
+- ``'ell'``: row-padded gather layout of ``W.T`` (ELLPACK): for each output ``j`` the input indices
+  (int16 when ``K`` allows) and values of its kept weights, padded to the longest column with
+  weight 0. ``x @ W`` is then one gather and one reduction, with no scatter, which streams the
+  weights once at batch 1; its ``rows x N x width`` temporary rules it out for large batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse as jsparse
+
+Layout = dict[str, Any]
+
+FORMATS = ("dense", "bcoo", "bcsr", "ell")
+SPARSE_FORMATS = ("bcoo", "bcsr", "ell")
+
+# Thresholds of the default rule, measured on a 2-core CPU with benchmarks/sparse_inference.py
+# (LeNet-300-100 and a 4096x4096 layer at 1-20% density, batch 1/64/1024; figures in its docstring).
+# Below 8 rows a small network is dispatch-bound, and a sparse layer next to a dense one cost
+# LeNet-300-100 about 60 us more than all-dense at batch 1: only large layers go sparse there,
+# unless every layer can (see choose_plan).
+# A single row on a large layer: the gather layout streams the weights once; 0.3-0.55x dense at
+# 5-10% density, 0.93x at 20%.
+# Up to 256 rows BCSR wins to about 10% density; beyond, only near 1-3%.
+SMALL_BATCH_ROWS = 8
+LARGE_LAYER_SIZE = 1 << 20
+ELL_MAX_DENSITY = 0.12
+BCSR_MAX_ROWS = 256
+BCSR_MAX_DENSITY = 0.12
+BCSR_LARGE_BATCH_MAX_DENSITY = 0.03
+MIN_SPARSE_SIZE = 4096  # tinier layers cost less than the bookkeeping either way: keep them dense
+
+
+def build(fmt: str, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple) -> Layout:
+    """Builds layout ``fmt`` of the ``(K, N)`` matrix whose kept entries are ``(rows, cols, vals)``."""
+    k_in, n_out = shape
+    if fmt == "dense":
+        w = np.zeros(shape, vals.dtype)
+        w[rows, cols] = vals
+        return {"w": jnp.asarray(w)}
+    if fmt == "bcoo":
+        idx = np.stack([rows, cols], axis=1).astype(np.int32)
+        return {"w": jsparse.BCOO((jnp.asarray(vals), jnp.asarray(idx)), shape=shape)}
+    # Both W.T layouts group the kept entries by output column, in input order.
+    order = np.lexsort((rows, cols))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    counts = np.bincount(cols, minlength=n_out)
+    if fmt == "bcsr":
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        mat = jsparse.BCSR(
+            (jnp.asarray(vals), jnp.asarray(rows.astype(np.int32)), jnp.asarray(indptr)),
+            shape=(n_out, k_in),
+        )
+        return {"wt": mat}
+    if fmt == "ell":
+        width = max(int(counts.max(initial=0)), 1)
+        slot = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        # int16 indices where they fit: the layout is streamed once per call at batch 1.
+        idx = np.zeros((n_out, width), np.int16 if k_in <= np.iinfo(np.int16).max else np.int32)
+        val = np.zeros((n_out, width), vals.dtype)
+        idx[cols, slot] = rows
+        val[cols, slot] = vals
+        return {"idx": jnp.asarray(idx), "val": jnp.asarray(val)}
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}.")
+
+
+def matmul(fmt: str, layout: Layout, x: jax.Array) -> jax.Array:
+    """Computes ``x @ W`` for ``x`` of shape ``(rows, K)`` with ``W`` held in layout ``fmt``."""
+    if fmt == "dense":
+        return x @ layout["w"].astype(x.dtype)
+    if fmt == "bcoo":
+        w = layout["w"]
+        return x @ jsparse.BCOO((w.data.astype(x.dtype), w.indices), shape=w.shape)
+    if fmt == "bcsr":
+        wt = layout["wt"]
+        wt = jsparse.BCSR((wt.data.astype(x.dtype), wt.indices, wt.indptr), shape=wt.shape)
+        n_rows = x.shape[0]
+        padded = jnp.pad(x, ((0, -n_rows % 8), (0, 0)))
+        return (wt @ padded.T).T[:n_rows]
+    if fmt == "ell":
+        # Indices are in range by construction; skipping the bounds handling is measurably faster.
+        gathered = x.at[:, layout["idx"]].get(mode="promise_in_bounds")  # (rows, N, width)
+        return jnp.einsum("bnw,nw->bn", gathered, layout["val"].astype(x.dtype))
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}.")
+
+
+def nbytes(layout: Layout) -> int:
+    """Bytes held by a layout's arrays."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(layout))
+
+
+def choose(density: float, rows: int, shape: tuple[int, int]) -> str:
+    """The default per-layer rule: the layout expected fastest for ``rows`` inputs at ``density``.
+
+    Dense whenever in doubt (high density, tiny layers, very large batches), so that the sparse
+    path is never slower than the dense one.
+    """
+    size = math.prod(shape)
+    if size < MIN_SPARSE_SIZE:
+        return "dense"
+    if rows < SMALL_BATCH_ROWS and size < LARGE_LAYER_SIZE:
+        return "dense"
+    if rows == 1:
+        return "ell" if density <= ELL_MAX_DENSITY else "dense"
+    if rows <= BCSR_MAX_ROWS and density <= BCSR_MAX_DENSITY:
+        return "bcsr"
+    if density <= BCSR_LARGE_BATCH_MAX_DENSITY:
+        return "bcsr"
+    return "dense"
+
+
+def choose_plan(layers: dict[str, tuple[float, int, tuple[int, int]]]) -> dict[str, str]:
+    """The default rule for a whole model: ``{path: (density, rows, shape)}`` to ``{path: format}``.
+
+    Per layer :func:`choose`, except below ``SMALL_BATCH_ROWS`` rows: there, in a network whose
+    kernels are all at most ``BCSR_MAX_DENSITY`` dense, the layers under ``LARGE_LAYER_SIZE`` run
+    BCSR too (LeNet-300-100 at batch 1 and 1-10% density: 0.4-0.8x dense, where one dense layer
+    among sparse ones made the pass slower than all-dense).
+    """
+    plan = {path: choose(*spec) for path, spec in layers.items()}
+    small = [
+        path
+        for path, (_, rows, shape) in layers.items()
+        if rows < SMALL_BATCH_ROWS and math.prod(shape) < LARGE_LAYER_SIZE
+    ]
+    if small and all(density <= BCSR_MAX_DENSITY for density, _, _ in layers.values()):
+        plan.update({path: "bcsr" for path in small if plan[path] == "dense"})
+    return plan
+
+
+def im2col(
+    lhs: jax.Array,
+    kernel_spatial: tuple[int, ...],
+    strides: tuple[int, ...],
+    padding: Any,
+    lhs_dilation: tuple[int, ...],
+    rhs_dilation: tuple[int, ...],
+) -> jax.Array:
+    """Patches of a channel-last input, ordered ``(*kernel_spatial, C)`` to match an HWIO kernel.
+
+    Returns ``(N, *out_spatial, prod(kernel_spatial) * C)``, so that its product with the kernel
+    reshaped to ``(prod(kernel_spatial) * C, features)`` is ``lax.conv_general_dilated``.
+    Built from strided slices (memory traffic only), not from an identity convolution.
+    """
+    in_sp = lhs.shape[1:-1]
+    dilated_in = tuple((s - 1) * d + 1 for s, d in zip(in_sp, lhs_dilation, strict=True))
+    dilated_k = tuple((k - 1) * d + 1 for k, d in zip(kernel_spatial, rhs_dilation, strict=True))
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(dilated_in, dilated_k, strides, padding)
+    config = [(0, 0, 0)]
+    config += [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation, strict=True)]
+    config += [(0, 0, 0)]
+    padded = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype), config)
+    out_sp = tuple(
+        (p - k) // s + 1 for p, k, s in zip(padded.shape[1:-1], dilated_k, strides, strict=True)
+    )
+    pieces = []
+    for offset in np.ndindex(*kernel_spatial):
+        start = (0, *(o * d for o, d in zip(offset, rhs_dilation, strict=True)), 0)
+        limit = (
+            padded.shape[0],
+            *(st + (o - 1) * s + 1 for st, o, s in zip(start[1:-1], out_sp, strides, strict=True)),
+            padded.shape[-1],
+        )
+        pieces.append(jax.lax.slice(padded, start, limit, (1, *strides, 1)))
+    patches = jnp.stack(pieces, axis=-2)  # (N, *out_sp, prod(kernel), C)
+    return patches.reshape(*patches.shape[:-2], -1)

@@ -1,0 +1,638 @@
+"""Sparse export (BCOO) and jit-compiled sparse inference for Flax Linen and NNX models.
+
+The interchange format is a pytree in which every pruned kernel is a
+``jax.experimental.sparse.BCOO`` of the kernel's own N-D shape holding exactly the kept weights
+(Han et al. 2015, Sec. 4 store only the surviving connections), and every other leaf is unchanged.
+
+Inference (:func:`sparse_apply`) runs the model's own Flax code and replaces only the product of
+each pruned ``Dense``/``Linear`` or ``Conv`` layer, through the hook Flax exposes for it
+(``dot_general`` / ``conv_general_dilated``). A convolution runs as patches times the kernel
+reshaped to the 2-D matrix ``(kh * kw * cin, cout)``. For each layer and input shape, the weights
+are held in the layout (dense, BCOO, BCSR or a row-padded gather layout, see
+:mod:`jaxprune._kernels`) expected to be fastest; dense whenever in doubt.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental.sparse import BCOO
+
+from jaxprune import _kernels
+from jaxprune._tree import PyTree, Where, check_like, default_where, is_array, path_str
+
+FormatSpec = str | Mapping[str, str]
+
+
+def _is_bcoo(leaf: Any) -> bool:
+    return isinstance(leaf, BCOO)
+
+
+def _bcoo_paths(tree: PyTree) -> list[tuple[str, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_bcoo)
+    return [(path_str(p), leaf) for p, leaf in flat]
+
+
+def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyTree:
+    """Exports pruned params as a pytree whose pruned kernels are ``BCOO`` matrices.
+
+    Every leaf selected by ``where`` (default: floating-point arrays with ``ndim >= 2``) becomes a
+    ``BCOO`` of the leaf's own shape and dtype with ``nse`` equal to its kept count, indices sorted
+    and unique, ``n_batch = n_dense = 0``; this holds even for a kernel whose mask is all ``True``,
+    so the exported tree always says which kernels are sparse. Pruned entries are dropped whatever
+    their value; a kept weight equal to 0 is kept. Every other leaf is returned as it is.
+
+    A Conv kernel keeps its ``(kh, kw, cin, cout)`` shape, so the tree describes itself and
+    :func:`to_dense` is exact; the convolution it runs is ``patches @ kernel.reshape(-1, cout)``
+    with patches ordered ``(kh, kw, cin)``, which is what :func:`sparse_apply` does.
+
+    Args:
+      params: a Linen ``variables['params']`` dict or an NNX ``nnx.state(model, nnx.Param)``.
+      masks: a boolean mask tree matching ``params`` (see ``jaxprune.masks.compute_masks``).
+      where: ``where(path, leaf) -> bool`` choosing the exported leaves; use the rule the masks
+        were made with.
+
+    Returns:
+      A pytree with the structure of ``params``; its leaves are ``BCOO`` objects and the
+      unselected leaves of ``params``.
+
+    Raises:
+      ValueError: if ``masks`` does not match ``params``, or a leaf not selected by ``where`` has
+        a mask that prunes something.
+      TypeError: if a mask of a selected leaf is not boolean, or a leaf is a tracer (the number of
+        kept weights must be concrete).
+
+    >>> import numpy as np
+    >>> params = {'Dense_0': {'kernel': np.array([[1.0, 0.5], [2.0, 0.0]]), 'bias': np.zeros(2)}}
+    >>> masks = {'Dense_0': {'kernel': np.array([[True, False], [True, True]]),
+    ...                      'bias': np.ones(2, bool)}}
+    >>> k = to_bcoo(params, masks)['Dense_0']['kernel']
+    >>> k.nse, k.indices.tolist(), k.data.tolist()
+    (3, [[0, 0], [1, 0], [1, 1]], [1.0, 2.0, 0.0])
+    """
+    check_like(params, masks, name="masks")
+    where = default_where if where is None else where
+
+    def one(keypath: tuple, leaf: Any, mask: Any) -> Any:
+        path = path_str(keypath)
+        for name, value in (("params", leaf), ("masks", mask)):
+            if isinstance(value, jax.core.Tracer):
+                raise TypeError(
+                    f"{name}[{path!r}] is a tracer: to_bcoo needs concrete arrays, since the "
+                    "number of kept weights sets the BCOO size. Call it outside jax.jit."
+                )
+        if not where(path, leaf):
+            if is_array(mask) and not np.all(np.asarray(mask)):
+                raise ValueError(
+                    f"masks[{path!r}] prunes entries of a leaf that `where` does not export; "
+                    "pass to_bcoo the `where` the masks were computed with."
+                )
+            return leaf
+        if not (is_array(mask) and mask.dtype == bool):
+            got = f"dtype {mask.dtype}" if is_array(mask) else f"type {type(mask).__name__}"
+            raise TypeError(f"masks[{path!r}] must be a boolean array, got {got}.")
+        mask = np.asarray(mask)
+        indices = np.argwhere(mask).astype(np.int32)
+        data = np.asarray(leaf)[mask]
+        return BCOO(
+            (jnp.asarray(data), jnp.asarray(indices)),
+            shape=tuple(leaf.shape),
+            indices_sorted=True,
+            unique_indices=True,
+        )
+
+    return jax.tree_util.tree_map_with_path(one, params, masks)
+
+
+def to_dense(exported: PyTree) -> PyTree:
+    """Turns every ``BCOO`` leaf of an exported tree back into a dense array.
+
+    The inverse of :func:`to_bcoo`: kept weights come back bit for bit (entries are set, not
+    summed, so ``-0.0`` survives) and pruned ones are exactly ``0``. Other leaves are unchanged.
+
+    Args:
+      exported: a tree from :func:`to_bcoo` (or loaded from storage).
+
+    Returns:
+      The tree with each ``BCOO`` replaced by a dense ``jax.Array`` of its shape and dtype.
+
+    Raises:
+      ValueError: if a ``BCOO`` has batch or dense dimensions (not produced by :func:`to_bcoo`).
+
+    >>> import numpy as np
+    >>> params = {'w': np.array([[1.0, -2.0], [3.0, 4.0]])}
+    >>> masks = {'w': np.array([[True, False], [False, True]])}
+    >>> to_dense(to_bcoo(params, masks))['w'].tolist()
+    [[1.0, 0.0], [0.0, 4.0]]
+    """
+
+    def one(keypath: tuple, leaf: Any) -> Any:
+        if not _is_bcoo(leaf):
+            return leaf
+        if leaf.n_batch or leaf.n_dense:
+            raise ValueError(
+                f"exported[{path_str(keypath)!r}] is a BCOO with n_batch={leaf.n_batch}, "
+                f"n_dense={leaf.n_dense}; expected 0 and 0 as written by to_bcoo."
+            )
+        # On the host: exact, and no new compilation for every shape and nse.
+        dense = np.zeros(leaf.shape, leaf.dtype)
+        dense[tuple(np.asarray(leaf.indices).T)] = np.asarray(leaf.data)
+        return jnp.asarray(dense)
+
+    return jax.tree_util.tree_map_with_path(one, exported, is_leaf=_is_bcoo)
+
+
+class _Layer(NamedTuple):
+    """A pruned kernel as the 2-D matrix its layer multiplies, with its kept entries."""
+
+    shape: tuple[int, ...]  # the kernel's own shape
+    rows: np.ndarray
+    cols: np.ndarray
+    vals: np.ndarray
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return (int(np.prod(self.shape[:-1])), self.shape[-1])
+
+    @property
+    def density(self) -> float:
+        return self.vals.size / max(int(np.prod(self.shape)), 1)
+
+
+def _layer_of(kernel: BCOO) -> _Layer:
+    indices = np.asarray(kernel.indices)
+    rows = np.ravel_multi_index(tuple(indices[:, :-1].T), kernel.shape[:-1])
+    return _Layer(tuple(kernel.shape), rows, indices[:, -1], np.asarray(kernel.data))
+
+
+class _Call(NamedTuple):
+    """What a layer's product was called with, as seen while tracing the model."""
+
+    rows: int  # rows of the 2-D product (batch x spatial positions for a convolution)
+    run: Callable[[str, Any, jax.Array], jax.Array]  # run(format, layout, lhs)
+    lhs: jax.ShapeDtypeStruct
+
+
+def _check_linear_dims(module_path: str, lhs: jax.Array, rhs: jax.Array, dims: Any) -> None:
+    (lc, rc), (lb, rb) = dims
+    if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
+        raise ValueError(
+            f"layer {module_path!r} calls dot_general with dimension numbers {dims}; the sparse "
+            "path runs only x @ kernel over the last axis of x (flax Dense / nnx.Linear)."
+        )
+
+
+def _linear_hook(module_path: str, step: Callable) -> Callable:
+    """A ``dot_general`` stand-in that ignores the placeholder kernel and calls ``step``."""
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
+        del precision
+        _check_linear_dims(module_path, lhs, rhs, dimension_numbers)
+
+        def run(fmt: str, layout: Any, x: jax.Array) -> jax.Array:
+            flat = x.reshape(-1, x.shape[-1]).astype(jnp.result_type(lhs, rhs))
+            return _kernels.matmul(fmt, layout, flat).reshape(*x.shape[:-1], -1)
+
+        rows = int(np.prod(lhs.shape[:-1]))
+        out = step(_Call(rows, run, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype)), lhs)
+        return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+    return dot_general
+
+
+def _channel_last_dims(ndim: int) -> jax.lax.ConvDimensionNumbers:
+    spatial = tuple(range(1, ndim - 1))
+    return jax.lax.ConvDimensionNumbers(
+        lhs_spec=(0, ndim - 1, *spatial),
+        rhs_spec=(ndim - 1, ndim - 2, *range(ndim - 2)),
+        out_spec=(0, ndim - 1, *spatial),
+    )
+
+
+def _conv_hook(module_path: str, step: Callable) -> Callable:
+    """A ``conv_general_dilated`` stand-in: patches times the sparse kernel matrix."""
+
+    def conv(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=None,
+        rhs_dilation=None,
+        dimension_numbers=None,
+        feature_group_count=1,
+        batch_group_count=1,
+        precision=None,
+        preferred_element_type=None,
+        **_,
+    ):
+        del precision
+        n_sp = lhs.ndim - 2
+        dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        if (
+            feature_group_count != 1
+            or batch_group_count != 1
+            or dims != _channel_last_dims(lhs.ndim)
+        ):
+            raise ValueError(
+                f"layer {module_path!r} is a grouped or non-channel-last convolution "
+                f"(feature_group_count={feature_group_count}, dimension numbers {dims}); the "
+                "sparse path runs only ungrouped channel-last convolutions."
+            )
+        lhs_dilation = tuple(lhs_dilation or (1,) * n_sp)
+        rhs_dilation = tuple(rhs_dilation or (1,) * n_sp)
+        strides = tuple(window_strides)
+        kernel_shape = tuple(rhs.shape)
+
+        def run(fmt: str, layout: Any, x: jax.Array) -> jax.Array:
+            x = x.astype(jnp.result_type(lhs, rhs))
+            if fmt == "dense":  # XLA's own convolution beats any patches route for dense weights
+                kernel = layout["w"].reshape(kernel_shape).astype(x.dtype)
+                return jax.lax.conv_general_dilated(
+                    x, kernel, strides, padding, lhs_dilation, rhs_dilation, dims
+                )
+            patches = _kernels.im2col(
+                x, kernel_shape[:-2], strides, padding, lhs_dilation, rhs_dilation
+            )
+            flat = patches.reshape(-1, patches.shape[-1])
+            return _kernels.matmul(fmt, layout, flat).reshape(*patches.shape[:-1], -1)
+
+        out_shape = jax.eval_shape(
+            lambda a, b: jax.lax.conv_general_dilated(
+                a, b, strides, padding, lhs_dilation, rhs_dilation, dims
+            ),
+            lhs,
+            rhs,
+        ).shape
+        rows = int(np.prod(out_shape[:-1]))
+        out = step(_Call(rows, run, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype)), lhs)
+        return out if preferred_element_type is None else out.astype(preferred_element_type)
+
+    return conv
+
+
+def _unsupported(module_path: str, module: Any, names: set[str]) -> ValueError:
+    return ValueError(
+        f"layer {module_path or '<root>'!r} ({type(module).__name__}) holds pruned weights "
+        f"{sorted(names)} but the sparse path runs only the kernels of flax Dense/nnx.Linear and "
+        "Conv layers (without a `mask` field). Export it dense: pass to_bcoo a `where` that "
+        "excludes it."
+    )
+
+
+def _hook_name(module: Any, names: set[str]) -> str | None:
+    """Which Flax hook runs this module's pruned kernel, or None when none can."""
+    if names != {"kernel"}:
+        return None
+    if isinstance(module, (nn.Dense, nnx.Linear)):
+        return "dot_general"
+    if isinstance(module, (nn.Conv, nnx.Conv)) and getattr(module, "mask", None) is None:
+        return "conv_general_dilated"
+    return None
+
+
+def _make_hook(hook: str, module_path: str, step: Callable) -> Callable:
+    return (_linear_hook if hook == "dot_general" else _conv_hook)(module_path, step)
+
+
+def _split_path(path: str) -> tuple[str, str]:
+    head, _, name = path.rpartition("/")
+    return head, name
+
+
+def _linen_runner(
+    model: nn.Module, exported: PyTree, owned: dict[str, set[str]], variables, apply_kwargs
+) -> tuple[PyTree, Callable]:
+    """The variables to pass, and ``run(variables, step_for, x)`` applying ``model`` with hooks."""
+
+    def run(tree: PyTree, step_for: Callable, x: jax.Array) -> jax.Array:
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            module_path = "/".join(module.path)
+            if module_path not in owned:
+                return next_fun(*args, **kwargs)
+            hook = _hook_name(module, owned[module_path])
+            if hook is None or context.method_name != "__call__":
+                raise _unsupported(module_path, module, owned[module_path])
+            # The bound module is apply's private clone: swapping its hook leaves `model` alone.
+            saved = {hook: getattr(module, hook), f"{hook}_cls": getattr(module, f"{hook}_cls")}
+            object.__setattr__(module, hook, _make_hook(hook, module_path, step_for(module_path)))
+            object.__setattr__(module, f"{hook}_cls", None)
+            try:
+                return next_fun(*args, **kwargs)
+            finally:
+                for name, value in saved.items():
+                    object.__setattr__(module, name, value)
+
+        with nn.intercept_methods(interceptor):
+            return model.apply(tree, x, **apply_kwargs)
+
+    return {**variables, "params": exported}, run
+
+
+def _nnx_runner(
+    model: nnx.Module, exported: PyTree, owned: dict[str, set[str]], apply_kwargs
+) -> tuple[PyTree, Callable]:
+    """The states to pass, and ``run(states, step_for, x)`` calling a hooked copy of ``model``."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    want = {p: tuple(np.shape(v)) for p, v in _bcoo_paths(params)}
+    got = {p: tuple(v.shape) for p, v in _bcoo_paths(exported)}
+    for path in sorted(set(want) | set(got)):
+        if want.get(path) != got.get(path):
+            raise ValueError(
+                f"exported[{path!r}] has shape {got.get(path)} but the model's param there has "
+                f"shape {want.get(path)}; export nnx.state(model, nnx.Param) of this model."
+            )
+    modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model)}
+    hooks = {}
+    for module_path, names in owned.items():
+        hook = _hook_name(modules.get(module_path), names)
+        if hook is None:
+            raise _unsupported(module_path, modules.get(module_path), names)
+        hooks[module_path] = hook
+
+    def run(states: PyTree, step_for: Callable, x: jax.Array) -> jax.Array:
+        merged = nnx.merge(graphdef, *states)
+        found = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(merged)}
+        for module_path, hook in hooks.items():
+            setattr(found[module_path], hook, _make_hook(hook, module_path, step_for(module_path)))
+        return merged(x, **apply_kwargs)
+
+    return (exported, rest), run
+
+
+def _format_for(formats: FormatSpec, path: str) -> str | None:
+    """The format forced by ``formats`` for kernel ``path``, or None for the automatic choice."""
+    if isinstance(formats, str):
+        return None if formats in ("auto", "calibrate") else formats
+    return formats.get(path)
+
+
+def _check_formats(formats: Any, kernels: Mapping[str, _Layer]) -> None:
+    choices = ("auto", "calibrate", *_kernels.FORMATS)
+    if isinstance(formats, str):
+        if formats not in choices:
+            raise ValueError(f"formats={formats!r} is not one of {choices}.")
+        return
+    if not isinstance(formats, Mapping):
+        raise TypeError(
+            f"formats must be a string or a mapping from kernel path to format, got "
+            f"{type(formats).__name__}."
+        )
+    for path, fmt in formats.items():
+        if path not in kernels:
+            raise ValueError(
+                f"formats[{path!r}] names no pruned kernel; pruned kernels: {sorted(kernels)}."
+            )
+        if fmt not in _kernels.FORMATS:
+            raise ValueError(f"formats[{path!r}] = {fmt!r} is not one of {_kernels.FORMATS}.")
+
+
+def _median_time(fn: Callable, *args: Any, repeats: int = 7) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class _Prepared(NamedTuple):
+    """What one input shape runs with: its plan, its compiled pass and that pass's layouts."""
+
+    plan: dict[str, str]
+    layouts: list  # flat leaves of the layouts the plan uses
+    fn: Callable
+
+
+class SparseApply:
+    """A jit-compiled forward pass of a pruned Flax model; built by :func:`sparse_apply`.
+
+    Call it as ``apply(x)``. The first call for a new input shape and dtype traces the model once
+    to see each pruned layer's product, picks a layout per layer, builds the layouts it lacks and
+    compiles; later calls with that shape reuse the executable.
+    """
+
+    def __init__(self, tree: PyTree, runner: Callable, kernels: dict[str, _Layer], formats):
+        self._runner = runner
+        self._kernels = kernels
+        self._formats = formats
+        # Flatten once: NNX states and BCOO flatten in Python, which would cost every call.
+        leaves, self._treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_bcoo)
+        self._leaves = [None if _is_bcoo(leaf) else leaf for leaf in leaves]
+        self._zeros = [
+            jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if _is_bcoo(leaf) else None
+            for leaf in leaves
+        ]
+        self._layouts: dict[tuple[str, str], Any] = {}
+        self._prepared: dict[tuple, _Prepared] = {}
+        self.traces = 0  # how often the forward pass was traced (compiled); for tests
+
+    def _tree(self, leaves: list) -> PyTree:
+        # Flax reads a kernel of the pruned shape; the hooks ignore it, so XLA drops these zeros.
+        full = [
+            leaf if spec is None else jnp.zeros(spec.shape, spec.dtype)
+            for leaf, spec in zip(leaves, self._zeros, strict=True)
+        ]
+        return self._treedef.unflatten(full)
+
+    def _forward(self, plan, layout_def, leaves, layout_leaves, x):
+        self.traces += 1
+        layouts = layout_def.unflatten(layout_leaves)
+
+        def step_for(module_path: str) -> Callable:
+            path = f"{module_path}/kernel" if module_path else "kernel"
+            return lambda call, lhs: call.run(plan[path], layouts[path], lhs)
+
+        return self._runner(self._tree(leaves), step_for, x)
+
+    def _calls(self, x: jax.ShapeDtypeStruct) -> dict[str, _Call]:
+        """Traces the model abstractly, recording each pruned layer's product."""
+        calls: dict[str, _Call] = {}
+
+        def step_for(module_path: str) -> Callable:
+            path = f"{module_path}/kernel" if module_path else "kernel"
+
+            def step(call: _Call, lhs: jax.Array) -> jax.Array:
+                calls[path] = call
+                dense = jnp.zeros(self._kernels[path].matrix_shape, lhs.dtype)
+                return call.run("dense", {"w": dense}, lhs)
+
+            return step
+
+        jax.eval_shape(lambda lv, a: self._runner(self._tree(lv), step_for, a), self._leaves, x)
+        return calls
+
+    def _layout(self, path: str, fmt: str) -> Any:
+        key = (path, fmt)
+        if key not in self._layouts:
+            layer = self._kernels[path]
+            self._layouts[key] = _kernels.build(
+                fmt, layer.rows, layer.cols, layer.vals, layer.matrix_shape
+            )
+        return self._layouts[key]
+
+    def _calibrated(self, path: str, call: _Call) -> str:
+        """The format measured fastest for one layer; a sparse one must beat dense by 10%."""
+        lhs = jax.random.normal(jax.random.key(0), call.lhs.shape, call.lhs.dtype)
+        times = {}
+        for fmt in _kernels.FORMATS:
+            if fmt in ("bcoo", "ell") and _temporary_size(fmt, self._kernels[path], call.rows) > (
+                2**26
+            ):
+                continue  # the gather temporary would take gigabytes
+            fn = jax.jit(functools.partial(call.run, fmt))
+            times[fmt] = _median_time(fn, self._layout(path, fmt), lhs)
+        best = min(times, key=times.get)
+        return best if times[best] < 0.9 * times["dense"] else "dense"
+
+    def _prepare(self, key: tuple) -> _Prepared:
+        calls = self._calls(jax.ShapeDtypeStruct(*key))
+        rule = _kernels.choose_plan(
+            {
+                path: (self._kernels[path].density, call.rows, self._kernels[path].matrix_shape)
+                for path, call in calls.items()
+            }
+        )
+        plan = {}
+        for path, call in sorted(calls.items()):
+            forced = _format_for(self._formats, path)
+            if forced is not None:
+                plan[path] = forced
+            elif self._formats == "calibrate":
+                plan[path] = self._calibrated(path, call)
+            else:
+                plan[path] = rule[path]
+        layout_leaves, layout_def = jax.tree_util.tree_flatten(
+            {path: self._layout(path, fmt) for path, fmt in plan.items()}
+        )
+        fn = jax.jit(functools.partial(self._forward, plan, layout_def))
+        self._prepared[key] = _Prepared(plan, layout_leaves, fn)
+        used = {item for prepared in self._prepared.values() for item in prepared.plan.items()}
+        self._layouts = {k: v for k, v in self._layouts.items() if k in used}  # calibration spares
+        return self._prepared[key]
+
+    def _get(self, x: Any) -> _Prepared:
+        key = (tuple(x.shape), jnp.dtype(x.dtype))
+        prepared = self._prepared.get(key)
+        return self._prepare(key) if prepared is None else prepared
+
+    def plan(self, x: Any) -> dict[str, str]:
+        """The layout each pruned kernel uses for inputs shaped like ``x``.
+
+        Args:
+          x: an input array (or anything with ``shape`` and ``dtype``).
+
+        Returns:
+          A dict from kernel path (e.g. ``'Dense_0/kernel'``) to one of ``'dense'``, ``'bcoo'``,
+          ``'bcsr'``, ``'ell'``.
+        """
+        return dict(self._get(x).plan)
+
+    def nbytes(self, x: Any) -> int:
+        """Bytes of the weight layouts the pruned kernels use for inputs shaped like ``x``."""
+        return sum(leaf.nbytes for leaf in self._get(x).layouts)
+
+    def __call__(self, x: Any) -> jax.Array:
+        """Runs the model on ``x``; equal to the masked dense model's output up to rounding."""
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
+        prepared = self._prepared.get((x.shape, x.dtype)) or self._get(x)
+        return prepared.fn(self._leaves, prepared.layouts, x)
+
+
+def _temporary_size(fmt: str, layer: _Layer, rows: int) -> int:
+    """Elements of the gather temporary of ``bcoo`` (kept x rows) or ``ell`` (N x width x rows)."""
+    if fmt == "bcoo":
+        return layer.vals.size * rows
+    counts = np.bincount(layer.cols, minlength=layer.shape[-1])
+    return layer.shape[-1] * int(counts.max(initial=1)) * rows
+
+
+def sparse_apply(
+    model: nn.Module | nnx.Module,
+    exported: PyTree,
+    *,
+    formats: FormatSpec = "auto",
+    variables: Mapping[str, Any] | None = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> SparseApply:
+    """Builds a jit-compiled forward pass of a pruned Flax model that runs its kernels sparse.
+
+    The model's own code runs; only the product of each pruned ``nn.Dense``/``nnx.Linear`` and
+    ``nn.Conv``/``nnx.Conv`` kernel is replaced, through the ``dot_general`` /
+    ``conv_general_dilated`` hook Flax gives those layers. A convolution becomes patches (ordered
+    ``(kh, kw, cin)``) times the kernel as a ``(kh * kw * cin, cout)`` matrix. Any other layer that
+    holds a pruned (``BCOO``) weight raises an error naming it instead of computing a wrong result.
+
+    The layout of each kernel is chosen per input shape, since the batch size is known when the
+    pass is traced:
+
+    - ``formats='auto'`` (default): a fixed rule measured on CPU (``jaxprune._kernels.choose`` and
+      ``choose_plan``). Up to 12% density: a single row on a layer of at least 2**20 weights uses
+      the row-padded gather layout, up to 256 rows transposed BCSR (below 8 rows only if every
+      kernel of the model is that sparse, else smaller layers stay dense: mixing costs more than
+      it saves there); beyond 256 rows BCSR only up to 3% density. Dense otherwise and for tiny
+      layers. Rows are the batch (times the output positions for a convolution).
+    - ``formats='calibrate'``: times every layout on each layer's real shapes at the first call
+      for a shape and keeps the fastest (a sparse one only if at least 10% faster than dense).
+    - a format name (``'dense'``, ``'bcoo'``, ``'bcsr'``, ``'ell'``) for every kernel, or a
+      mapping from kernel path to format (unlisted kernels use the rule).
+
+    Args:
+      model: a Linen module, or an NNX module (put it in eval mode first if it has dropout or
+        batch norm).
+      exported: from :func:`to_bcoo`: the Linen ``params`` collection, or
+        ``nnx.state(model, nnx.Param)`` for NNX.
+      formats: how to choose layouts, as above.
+      variables: Linen only: other collections to pass to ``model.apply`` (e.g. ``batch_stats``).
+      apply_kwargs: keyword arguments for the model's ``__call__`` (e.g. ``train=False``).
+
+    Returns:
+      A :class:`SparseApply`: ``apply(x)`` returns the model output; ``apply.plan(x)`` says which
+      layout each kernel uses for that input shape.
+
+    Raises:
+      TypeError: if ``model`` is neither a Linen nor an NNX module, or ``formats`` has a bad type.
+      ValueError: if ``formats`` names an unknown format or kernel, an NNX model does not match
+        ``exported``, or a pruned weight sits in a layer the sparse path cannot run (for Linen, at
+        the first call).
+
+    >>> import jax, numpy as np, flax.linen as nn
+    >>> from jaxprune.masks import compute_masks
+    >>> model = nn.Dense(4)
+    >>> params = model.init(jax.random.key(0), np.ones((1, 8)))['params']
+    >>> masks = compute_masks(params, 1.0)
+    >>> apply = sparse_apply(model, to_bcoo(params, masks))
+    >>> x = np.ones((2, 8), np.float32)
+    >>> dense = model.apply({'params': to_dense(to_bcoo(params, masks))}, x)
+    >>> bool(np.allclose(apply(x), dense, rtol=1e-5, atol=1e-6)), apply.plan(x)
+    (True, {'kernel': 'dense'})
+    """
+    kernels = {path: _layer_of(leaf) for path, leaf in _bcoo_paths(exported) if _is_bcoo(leaf)}
+    _check_formats(formats, kernels)
+    owned: dict[str, set[str]] = {}
+    for path in kernels:
+        module_path, name = _split_path(path)
+        owned.setdefault(module_path, set()).add(name)
+    apply_kwargs = dict(apply_kwargs or {})
+    if isinstance(model, nn.Module):
+        tree, runner = _linen_runner(model, exported, owned, dict(variables or {}), apply_kwargs)
+    elif isinstance(model, nnx.Module):
+        if variables:
+            raise ValueError("variables= is for Linen models; an NNX model carries its own state.")
+        tree, runner = _nnx_runner(model, exported, owned, apply_kwargs)
+    else:
+        raise TypeError(
+            f"model must be a flax.linen Module or a flax.nnx Module, got {type(model).__name__}."
+        )
+    return SparseApply(tree, runner, kernels, formats)
