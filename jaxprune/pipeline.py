@@ -410,29 +410,44 @@ def export(params: PyTree, masks: PyTree, path: Path) -> dict[str, int]:
     return {"file_bytes": report.nbytes, "dense_npz_bytes": dense_npz_bytes(params)}
 
 
-def _median_time(fn: Callable, x: Any, repeats: int) -> float:
+def _calls_per_sample(fn: Callable, x: Any, seconds: float = 0.005) -> int:
+    """How many calls of ``fn`` take at least ``seconds``: short calls are timed in groups."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(x))
+    once = max(time.perf_counter() - start, 1e-7)
+    return max(1, int(seconds / once))
+
+
+def _sample(fn: Callable, x: Any, calls: int) -> list[float]:
+    # Each call is waited for: this is latency, what one request sees, not pipelined throughput.
     times = []
-    for _ in range(repeats):
+    for _ in range(calls):
         start = time.perf_counter()
         jax.block_until_ready(fn(x))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def compare_times(
-    first: Callable, second: Callable, image_shape: tuple[int, ...], batch_sizes, repeats: int
+    first: Callable, second: Callable, image_shape: tuple[int, ...], batch_sizes, samples: int
 ) -> dict[str, dict[str, float]]:
-    """Median times of two forward passes per batch size, interleaved; ``ratio = second/first``."""
+    """Per-call times of two forward passes per batch size; ``ratio = second / first``.
+
+    The two are sampled alternately, in groups of calls lasting a few milliseconds (so drift on a
+    shared machine hits both alike); each call is timed to its result, and the medians of all
+    calls are compared.
+    """
     out = {}
     for b in batch_sizes:
         x = jax.random.uniform(jax.random.key(b), (b, *image_shape))
         jax.block_until_ready((first(x), second(x)))
+        calls = min(_calls_per_sample(first, x), _calls_per_sample(second, x))
         t1, t2 = [], []
-        for _ in range(3):  # interleave, so drift hits both alike
-            t1.append(_median_time(first, x, max(repeats // 3, 1)))
-            t2.append(_median_time(second, x, max(repeats // 3, 1)))
-        a, b_ = statistics.median(t1), statistics.median(t2)
-        out[str(b)] = {"first_ms": 1e3 * a, "second_ms": 1e3 * b_, "ratio": b_ / a}
+        for _ in range(samples):
+            t1 += _sample(first, x, calls)
+            t2 += _sample(second, x, calls)
+        a, c = statistics.median(t1), statistics.median(t2)
+        out[str(b)] = {"first_ms": 1e3 * a, "second_ms": 1e3 * c, "ratio": c / a}
     return out
 
 
@@ -443,14 +458,14 @@ def time_inference(
     image_shape: tuple[int, ...],
     *,
     batch_sizes: tuple[int, ...] = (1, 64, 1024),
-    repeats: int = 30,
+    samples: int = 21,
 ) -> dict[str, dict[str, float]]:
     """Sparse inference against the masked dense model under jit; ``ratio`` = sparse / dense."""
     model = build_model(config, {})
     pruned = apply_masks(params, masks)
     dense = jax.jit(lambda x: model.apply({"params": pruned}, x))
     sparse = sparse_apply(model, to_bcoo(params, masks))
-    times = compare_times(dense, sparse, image_shape, batch_sizes, repeats)
+    times = compare_times(dense, sparse, image_shape, batch_sizes, samples)
     return {
         b: {"dense_ms": t["first_ms"], "sparse_ms": t["second_ms"], "ratio": t["ratio"]}
         for b, t in times.items()
@@ -524,7 +539,7 @@ def structured(config: Config, data: Dataset, dense: PyTree, fraction: float) ->
     big = build_model(config, {})
     full_fn = jax.jit(lambda x: big.apply({"params": state.params}, x))
     small_fn = jax.jit(lambda x: small.apply({"params": shrunk.params}, x))
-    times = compare_times(full_fn, small_fn, data.x_train.shape[1:], (1, 64, 1024), 30)
+    times = compare_times(full_fn, small_fn, data.x_train.shape[1:], (1, 64, 1024), 21)
     return {
         "fraction": fraction,
         "hidden_before": shrunk.report.hidden_before,
