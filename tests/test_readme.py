@@ -1,0 +1,33 @@
+"""The README's quick start runs as written."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+import jaxprune
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quick_start_runs(tmp_path, monkeypatch, capsys):
+    text = README.read_text()
+    section = text[text.index("## Quick start") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    masks, state = scope["masks"], scope["state"]
+    kernel = np.asarray(state.params["layers_0"]["kernel"])
+    assert np.all(kernel[~np.asarray(masks["layers_0"]["kernel"])] == 0)
+    assert "layers_0/kernel" in capsys.readouterr().out
+    x = np.asarray(scope["x"][:4])
+    np.testing.assert_allclose(
+        scope["apply"](x),
+        scope["model"].apply({"params": jaxprune.apply_masks(state.params, masks)}, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert jaxprune.load(tmp_path / "model.jaxprune")["layers_2"]["kernel"].nse == int(
+        np.asarray(masks["layers_2"]["kernel"]).sum()
+    )
