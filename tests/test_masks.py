@@ -72,7 +72,8 @@ def test_previous_pruned_weights_are_pruned_first_by_sparsity():
 
 # --- properties -----------------------------------------------------------------------------
 
-finite = st.floats(-10, 10, allow_nan=False, width=32)
+# XLA on CPU flushes subnormals to zero, so they compare as 0.0: keep them out of the ranking checks.
+finite = st.floats(-10, 10, allow_nan=False, allow_subnormal=False, width=32)
 kernels = hnp.arrays(
     np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6), elements=finite
 )
