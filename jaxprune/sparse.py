@@ -503,6 +503,9 @@ class SparseApply:
                 for path, call in calls.items()
             }
         )
+        # The rule keeps convolutions dense: XLA's native convolution beat patches times a sparse
+        # matrix on LeNet-5 (batch 1: 1.55x slower with conv2 in BCSR). 'calibrate' still tries.
+        rule.update({p: "dense" for p in calls if len(self._kernels[p].shape) > 2})
         plan = {}
         for path, call in sorted(calls.items()):
             forced = _format_for(self._formats, path)
@@ -582,7 +585,8 @@ def sparse_apply(
       the row-padded gather layout, up to 256 rows transposed BCSR (below 8 rows only if every
       kernel of the model is that sparse, else smaller layers stay dense: mixing costs more than
       it saves there); beyond 256 rows BCSR only up to 3% density. Dense otherwise and for tiny
-      layers. Rows are the batch (times the output positions for a convolution).
+      layers. Rows are the batch (times the output positions for a convolution). Convolutions
+      stay dense under this rule (XLA's own convolution was faster at the densities tried).
     - ``formats='calibrate'``: times every layout on each layer's real shapes at the first call
       for a shape and keeps the fastest (a sparse one only if at least 10% faster than dense).
     - a format name (``'dense'``, ``'bcoo'``, ``'bcsr'``, ``'ell'``) for every kernel, or a

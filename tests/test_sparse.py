@@ -383,3 +383,22 @@ def test_every_layout_computes_the_product():
     for fmt in _kernels.FORMATS:
         layout = _kernels.build(fmt, rows, cols, w[rows, cols], w.shape)
         _assert_close(jax.jit(lambda lay, v, f=fmt: _kernels.matmul(f, lay, v))(layout, x), x @ w)
+
+
+class WideConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(64, (3, 3), padding="SAME")(x)  # 36,864 weights: large enough for BCSR
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_auto_rule_keeps_convolutions_dense():
+    model = WideConv()
+    params, _ = _linen(model, (8, 8, 64))
+    masks = _random_masks(params, keep=0.05)
+    apply = sparse_apply(model, to_bcoo(params, masks))
+    x = jnp.ones((1, 8, 8, 64))
+    # 64 rows at 5% would pick BCSR for a Dense layer of this size (see the rule just below).
+    assert _kernels.choose(0.05, 64, (576, 64)) == "bcsr"
+    assert apply.plan(x)["Conv_0/kernel"] == "dense"
+    _assert_close(apply(x), model.apply({"params": _masked(params, masks)}, x))
