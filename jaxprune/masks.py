@@ -192,6 +192,8 @@ def compute_masks(
     Raises:
       ValueError: on a negative or non-finite ``q``, a ``q`` key matching no prunable leaf,
         ``previous`` not matching ``params``, NaN or inf in a prunable weight, or no prunable leaf.
+        Checks of values (``q``, NaN) run on concrete inputs, before tracing; under ``jax.jit``
+        traced values cannot be inspected and are taken as given.
       TypeError: if ``where`` selects a leaf that is not a floating-point array.
 
     >>> import numpy as np
