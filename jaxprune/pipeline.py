@@ -352,6 +352,7 @@ class Checkpoints:
             )
 
     def save_dense(self, params: PyTree, error: float) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
         save(self.dir / "dense.jaxprune", {"params": params}, compress=False)
         write_json(self.dir / "dense.json", {"error": error})
 

@@ -156,3 +156,15 @@ def test_resume_with_other_options_is_refused(tmp_path):
     (out / "checkpoints" / "config.json").write_text(json.dumps(saved))
     proc = run_cli("demo", "--epochs", "1", "--resume", "--out", str(out))
     assert proc.returncode == 2 and "made with other options (epochs" in proc.stdout
+
+
+def test_sensitivity_command_writes_table_and_plot(tmp_path):
+    out = tmp_path / "sens"
+    assert main(["sensitivity", "--epochs", "1", "--grid", "0,1,2", "--out", str(out)]) == 0
+    result = json.loads((out / "sensitivity.json").read_text())
+    layers = {row["layer"] for row in result["rows"]}
+    assert layers == {"fc1/kernel", "fc2/kernel", "fc3/kernel"}
+    for layer in layers:
+        kept = [r["kept_fraction"] for r in result["rows"] if r["layer"] == layer]
+        assert kept[0] == 1.0 and kept[0] >= kept[1] >= kept[2]
+    assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
