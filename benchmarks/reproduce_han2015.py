@@ -33,8 +33,9 @@ SETTINGS = {
         "--q", "1.0,1.5,1.9,2.2,2.4,2.6,2.8,3.0,3.2",
     ],
     "lenet5": [
-        "--epochs", "10", "--lr", "0.05", "--rounds", "4", "--retrain-epochs", "6",
-        "--retrain-lr-scale", "0.2", "--q", "1.0,1.6,2.0,2.4", "--q-scale", "conv1=0.3,conv2=0.8",
+        "--epochs", "10", "--lr", "0.05", "--dropout", "0.5", "--rounds", "5",
+        "--retrain-epochs", "6", "--retrain-lr-scale", "0.2", "--q", "1.0,1.6,2.0,2.4,2.6",
+        "--q-scale", "conv1=0.3,conv2=0.8",
     ],
 }  # fmt: skip
 QUICK = ["--epochs", "2", "--rounds", "2", "--q", "1,1.5", "--retrain-epochs", "1"]
