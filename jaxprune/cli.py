@@ -157,11 +157,8 @@ class _Bars:
     def add(self, description: str, total: int) -> int:
         return self.progress.add_task(description, total=total, note="")
 
-    def advance(self, task: int, note: str | None = None) -> None:
-        if note is None:
-            self.progress.advance(task)
-        else:
-            self.progress.update(task, advance=1, note=note)
+    def advance(self, task: int, note: str) -> None:
+        self.progress.update(task, advance=1, note=note)
 
 
 def _pct(x: float) -> str:

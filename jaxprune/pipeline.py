@@ -223,7 +223,6 @@ def train_dense(
     data: Dataset,
     params: PyTree,
     *,
-    on_step: Callable[[], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> PyTree:
     """Trains the dense model: SGD with momentum 0.9, cosine decay, L2 (Han et al.'s step 1)."""
@@ -242,8 +241,6 @@ def train_dense(
         for batch in it(epoch):
             state, metrics = step(state, batch)
             losses.append(metrics["loss"])
-            if on_step is not None:
-                on_step()
         if on_epoch is not None:
             on_epoch(epoch, float(jnp.mean(jnp.stack(losses))))
     return state.params
