@@ -1,7 +1,8 @@
 """Reproduce Han et al. 2015 on MNIST: both LeNets, our figures beside the paper's.
 
-Runs ``jaxprune run`` for LeNet-300-100 and LeNet-5 with the settings below, then reads each
-``results.json`` and prints one table. Each run checkpoints, so an interrupted reproduction goes on
+Runs ``jaxprune run`` for LeNet-300-100 and LeNet-5 with each model's recipe
+(``jaxprune.pipeline.RECIPES``, documented in the README), then reads each ``results.json`` and
+prints one table. Each run checkpoints, so an interrupted reproduction goes on
 with ``--resume``.
 
     python benchmarks/reproduce_han2015.py                      # both models (tens of minutes)
@@ -24,20 +25,6 @@ from jaxprune.pipeline import PAPER
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
-# The settings of our reproduction (documented in the README): SGD with momentum 0.9 and L2 5e-4,
-# cosine decay; retraining at 1/10 of the learning rate; a rising q, since the std is taken over
-# the whole layer (pruned entries as zeros) and a fixed q would stop pruning after round one.
-SETTINGS = {
-    "lenet300": [
-        "--epochs", "30", "--lr", "0.1", "--rounds", "9", "--retrain-epochs", "10",
-        "--q", "1.0,1.5,1.9,2.2,2.4,2.6,2.8,3.0,3.2",
-    ],
-    "lenet5": [
-        "--epochs", "10", "--lr", "0.05", "--dropout", "0.5", "--rounds", "5",
-        "--retrain-epochs", "6", "--retrain-lr-scale", "0.2", "--q", "1.0,1.6,2.0,2.4,2.6",
-        "--q-scale", "conv1=0.3,conv2=0.8",
-    ],
-}  # fmt: skip
 QUICK = ["--epochs", "2", "--rounds", "2", "--q", "1,1.5", "--retrain-epochs", "1"]
 
 
@@ -101,7 +88,7 @@ def main() -> None:
         else:
             if not args.data_dir.is_dir():
                 raise SystemExit(f"no MNIST at {args.data_dir}; pass --data-dir (or use --quick)")
-            argv = ["run", "--model", model, "--data-dir", str(args.data_dir), *SETTINGS[model]]
+            argv = ["run", "--model", model, "--data-dir", str(args.data_dir)]
         argv += ["--out", str(out)] + (["--resume"] if args.resume else [])
         start = time.perf_counter()
         if jaxprune_main(argv) != 0:

@@ -70,34 +70,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, defaults: Config, out: str) -> None:
-        p.add_argument("--model", choices=["lenet300", "lenet5"], default=defaults.model)
-        p.add_argument("--epochs", type=int, default=defaults.epochs, help="dense epochs")
-        p.add_argument("--lr", type=float, default=defaults.lr, help="dense learning rate")
-        p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2")
-        p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-        p.add_argument("--dropout", type=float, default=defaults.dropout)
-        p.add_argument("--seed", type=int, default=defaults.seed)
+    # Unset options (None) take their value from the command's base config: DEMO for `demo`, the
+    # model's recipe (pipeline.RECIPES) for `run` and `sensitivity`.
+    def common(p: argparse.ArgumentParser, out: str) -> None:
+        p.add_argument("--model", choices=["lenet300", "lenet5"], default="lenet300")
+        p.add_argument("--epochs", type=int, help="dense epochs")
+        p.add_argument("--lr", type=float, help="dense learning rate")
+        p.add_argument("--weight-decay", type=float, help="L2 coefficient")
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--dropout", type=float, help="dropout on the later dense layers' inputs")
+        p.add_argument("--seed", type=int)
         p.add_argument("--out", type=Path, default=Path(out), help="output folder")
 
-    def pruning(p: argparse.ArgumentParser, defaults: Config) -> None:
-        p.add_argument("--rounds", type=int, default=defaults.rounds)
+    def pruning(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rounds", type=int, help="default: the length of --q or --keep")
         group = p.add_mutually_exclusive_group()
-        group.add_argument(
-            "--q", type=_floats, default=defaults.q, help="Han's q per round, e.g. 1.0,1.5,2.0"
-        )
-        group.add_argument(
-            "--keep", type=_floats, default=None, help="kept fraction per round instead of q"
-        )
+        group.add_argument("--q", type=_floats, help="Han's q per round, e.g. 1.0,1.5,2.0")
+        group.add_argument("--keep", type=_floats, help="kept fraction per round instead of q")
         p.add_argument(
             "--q-scale",
             type=_scales,
-            default=defaults.q_scale,
             metavar="LAYER=FACTOR,...",
             help="prune these layers with FACTOR * q (e.g. conv1=0.3 keeps more of conv1)",
         )
-        p.add_argument("--retrain-epochs", type=int, default=defaults.retrain_epochs)
-        p.add_argument("--retrain-lr-scale", type=float, default=defaults.retrain_lr_scale)
+        p.add_argument("--retrain-epochs", type=int)
+        p.add_argument("--retrain-lr-scale", type=float)
         p.add_argument("--resume", action="store_true", help="continue from --out's checkpoints")
         p.add_argument(
             "--structured",
@@ -109,28 +106,48 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--sensitivity", action="store_true", help="also run the layer scan")
         p.add_argument("--no-timing", action="store_true", help="skip inference timing")
 
+    recipe = "unset options take the model's recipe (README, pipeline.RECIPES)"
     demo = sub.add_parser("demo", help="the whole pipeline on the built-in 8x8 digits")
-    common(demo, DEMO, "jaxprune-out/demo")
-    pruning(demo, DEMO)
+    common(demo, "jaxprune-out/demo")
+    pruning(demo)
 
-    run = sub.add_parser("run", help="the whole pipeline on MNIST files")
-    common(run, Config(), "jaxprune-out/run")
-    pruning(run, Config())
+    run = sub.add_parser("run", help="the whole pipeline on MNIST files", description=recipe)
+    common(run, "jaxprune-out/run")
+    pruning(run)
     run.add_argument("--data-dir", required=True, help="folder with MNIST's IDX files or .npz")
 
-    sens = sub.add_parser("sensitivity", help="prune one layer at a time, without retraining")
-    common(sens, Config(), "jaxprune-out/sensitivity")
+    sens = sub.add_parser(
+        "sensitivity", help="prune one layer at a time, without retraining", description=recipe
+    )
+    common(sens, "jaxprune-out/sensitivity")
     sens.add_argument("--data-dir", default=None, help="MNIST folder; default: 8x8 digits")
     sens.add_argument("--grid", type=_floats, default=None, help="q values to scan")
     return parser
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The options given on the command line over the command's base config.
+
+    A schedule given without ``--rounds`` sets the number of rounds; ``--rounds`` without a
+    schedule runs the first rounds of the base one. ``--keep`` drops the base's ``--q-scale``.
+    """
+    base = DEMO if args.command == "demo" else pipeline.RECIPES[args.model]
     fields = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if args.command == "demo":
-        values["data_dir"] = None
-    return Config(**values).checked()
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    given["data_dir"] = None if args.command == "demo" else args.data_dir
+    schedule = given.get("q", given.get("keep"))
+    if schedule is not None and "rounds" not in given and len(schedule) > 1:
+        given["rounds"] = len(schedule)
+    if "keep" in given:
+        given.setdefault("q_scale", ())
+    elif "q" not in given and "rounds" in given and given["rounds"] > base.rounds:
+        raise ConfigError(
+            f"--rounds {given['rounds']}: the {base.model} base schedule has {base.rounds} "
+            "rounds; give --q (or --keep) with one value or one per round."
+        )
+    elif "q" not in given and "rounds" in given:
+        given["q"] = base.q[: given["rounds"]]
+    return dataclasses.replace(base, **given).checked()
 
 
 class _Bars:

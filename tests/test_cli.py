@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune.cli import DEMO, main
+from jaxprune.cli import DEMO, _config, _parser, main
+from jaxprune.pipeline import RECIPES, Config, ConfigError
 
 FAST = ["--epochs", "2", "--rounds", "2", "--q", "0.8,1.4", "--retrain-epochs", "1"]
 
@@ -168,3 +169,29 @@ def test_sensitivity_command_writes_table_and_plot(tmp_path):
         kept = [r["kept_fraction"] for r in result["rows"] if r["layer"] == layer]
         assert kept[0] == 1.0 and kept[0] >= kept[1] >= kept[2]
     assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _parsed(*argv: str) -> Config:
+    return _config(_parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("model", ["lenet300", "lenet5"])
+def test_run_defaults_to_the_models_recipe(model):
+    config = _parsed("run", "--model", model, "--data-dir", "d")
+    assert config == dataclasses.replace(RECIPES[model], data_dir="d").checked()
+    assert _parsed("run", "--model", model, "--data-dir", "d", "--epochs", "3").epochs == 3
+
+
+def test_schedule_options_fit_together():
+    recipe = RECIPES["lenet5"]
+    # A schedule without --rounds sets the rounds; --rounds alone runs the recipe's first rounds.
+    assert _parsed("run", "--data-dir", "d", "--q", "1,2").rounds == 2
+    assert _parsed("run", "--model", "lenet5", "--data-dir", "d", "--rounds", "2").q == recipe.q[:2]
+    # --keep drops the recipe's per-layer q factors, which apply to q only.
+    keep = _parsed("run", "--model", "lenet5", "--data-dir", "d", "--keep", "0.5,0.2")
+    assert (keep.keep, keep.rounds, keep.q_scale) == ((0.5, 0.2), 2, ())
+    assert _parsed("demo", "--model", "lenet5") == dataclasses.replace(DEMO, model="lenet5")
+    with pytest.raises(ConfigError, match="base schedule has 7 rounds"):
+        _parsed("run", "--model", "lenet5", "--data-dir", "d", "--rounds", "8")
+    with pytest.raises(ConfigError, match="--q-scale applies to --q"):
+        _parsed("run", "--data-dir", "d", "--keep", "0.5", "--q-scale", "fc1=0.5")

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 import jaxprune
+from jaxprune.pipeline import RECIPES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -31,3 +32,13 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     assert jaxprune.load(tmp_path / "model.jaxprune")["layers_2"]["kernel"].nse == int(
         np.asarray(masks["layers_2"]["kernel"]).sum()
     )
+
+
+def test_readme_states_the_recipes_the_command_runs():
+    text = README.read_text()
+    for recipe in RECIPES.values():
+        assert f"{recipe.epochs} epochs, lr {recipe.lr:g}" in text, recipe.model
+        schedule = ", ".join(f"{q:.1f}" for q in recipe.q)
+        assert f"| {recipe.rounds}, q = {schedule} |" in text, recipe.model
+        retrain = f"{recipe.retrain_epochs} epochs at lr {recipe.lr * recipe.retrain_lr_scale:g}"
+        assert retrain in text, recipe.model
