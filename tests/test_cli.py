@@ -191,7 +191,7 @@ def test_schedule_options_fit_together():
     keep = _parsed("run", "--model", "lenet5", "--data-dir", "d", "--keep", "0.5,0.2")
     assert (keep.keep, keep.rounds, keep.q_scale) == ((0.5, 0.2), 2, ())
     assert _parsed("demo", "--model", "lenet5") == dataclasses.replace(DEMO, model="lenet5")
-    with pytest.raises(ConfigError, match="base schedule has 7 rounds"):
-        _parsed("run", "--model", "lenet5", "--data-dir", "d", "--rounds", "8")
+    with pytest.raises(ConfigError, match="base schedule has 9 rounds"):
+        _parsed("run", "--model", "lenet5", "--data-dir", "d", "--rounds", "10")
     with pytest.raises(ConfigError, match="--q-scale applies to --q"):
         _parsed("run", "--data-dir", "d", "--keep", "0.5", "--q-scale", "fc1=0.5")
