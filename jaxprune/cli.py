@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, default=Path(out), help="output folder")
 
     def pruning(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--rounds", type=int, help="default: the length of --q or --keep")
+        p.add_argument(
+            "--rounds", type=int, help="default: the length of --q or --keep, else the recipe's"
+        )
         group = p.add_mutually_exclusive_group()
         group.add_argument("--q", type=_floats, help="Han's q per round, e.g. 1.0,1.5,2.0")
         group.add_argument("--keep", type=_floats, help="kept fraction per round instead of q")
@@ -128,15 +130,15 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> Config:
     """The options given on the command line over the command's base config.
 
-    A schedule given without ``--rounds`` sets the number of rounds; ``--rounds`` without a
-    schedule runs the first rounds of the base one. ``--keep`` drops the base's ``--q-scale``.
+    A schedule given without ``--rounds`` sets the number of rounds (``--q 2`` prunes once);
+    ``--rounds`` without a schedule runs the first rounds of the base one. ``--keep`` drops the base's ``--q-scale``.
     """
     base = DEMO if args.command == "demo" else pipeline.RECIPES[args.model]
     fields = {f.name for f in dataclasses.fields(Config)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     given["data_dir"] = None if args.command == "demo" else args.data_dir
     schedule = given.get("q", given.get("keep"))
-    if schedule is not None and "rounds" not in given and len(schedule) > 1:
+    if schedule is not None and "rounds" not in given:
         given["rounds"] = len(schedule)
     if "keep" in given:
         given.setdefault("q_scale", ())

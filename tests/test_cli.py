@@ -186,6 +186,8 @@ def test_schedule_options_fit_together():
     recipe = RECIPES["lenet5"]
     # A schedule without --rounds sets the rounds; --rounds alone runs the recipe's first rounds.
     assert _parsed("run", "--data-dir", "d", "--q", "1,2").rounds == 2
+    assert _parsed("run", "--data-dir", "d", "--q", "2").rounds == 1
+    assert _parsed("run", "--data-dir", "d", "--q", "2", "--rounds", "3").q == (2.0, 2.0, 2.0)
     assert _parsed("run", "--model", "lenet5", "--data-dir", "d", "--rounds", "2").q == recipe.q[:2]
     # --keep drops the recipe's per-layer q factors, which apply to q only.
     keep = _parsed("run", "--model", "lenet5", "--data-dir", "d", "--keep", "0.5,0.2")
