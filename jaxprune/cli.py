@@ -131,7 +131,8 @@ def _config(args: argparse.Namespace) -> Config:
     """The options given on the command line over the command's base config.
 
     A schedule given without ``--rounds`` sets the number of rounds (``--q 2`` prunes once);
-    ``--rounds`` without a schedule runs the first rounds of the base one. ``--keep`` drops the base's ``--q-scale``.
+    ``--rounds`` without a schedule runs the first rounds of the base one. ``--keep`` drops the
+    base's ``--q-scale``.
     """
     base = DEMO if args.command == "demo" else pipeline.RECIPES[args.model]
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -142,12 +143,12 @@ def _config(args: argparse.Namespace) -> Config:
         given["rounds"] = len(schedule)
     if "keep" in given:
         given.setdefault("q_scale", ())
-    elif "q" not in given and "rounds" in given and given["rounds"] > base.rounds:
-        raise ConfigError(
-            f"--rounds {given['rounds']}: the {base.model} base schedule has {base.rounds} "
-            "rounds; give --q (or --keep) with one value or one per round."
-        )
     elif "q" not in given and "rounds" in given:
+        if given["rounds"] > base.rounds:
+            raise ConfigError(
+                f"--rounds {given['rounds']}: the {base.model} base schedule has {base.rounds} "
+                "rounds; give --q (or --keep) with one value or one per round."
+            )
         given["q"] = base.q[: given["rounds"]]
     return dataclasses.replace(base, **given).checked()
 
