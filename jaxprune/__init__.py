@@ -6,6 +6,7 @@ Masks from parameters (:func:`compute_masks`), retraining that keeps pruned weig
 (:func:`shrink`, :func:`neuron_masks`).
 """
 
+from jaxprune._tree import default_where, excluding, paths_matching, weights_named
 from jaxprune.masks import (
     LayerSummary,
     Summary,
@@ -56,13 +57,16 @@ __all__ = [
     "apply_masks",
     "compute_masks",
     "connection_counts",
+    "default_where",
     "dropout_rate",
+    "excluding",
     "keep_pruned",
     "load",
     "make_retrain_step",
     "masks_for_sparsity",
     "neuron_masks",
     "nnx_loss",
+    "paths_matching",
     "prune_and_retrain",
     "prune_gradients",
     "retrain_dropout_rates",
@@ -74,4 +78,5 @@ __all__ = [
     "to_bcoo",
     "to_dense",
     "update_masks",
+    "weights_named",
 ]

@@ -7,8 +7,9 @@ array in a ``Variable`` whose key path ends in ``.value``; that last step is dro
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import fnmatch
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,18 +69,203 @@ def is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
-def default_where(path: str, leaf: Any) -> bool:
-    """The default prunability rule: floating-point arrays with ``ndim >= 2``.
+WEIGHT_NAMES = ("kernel", "embedding")
+"""The last path keys that name a layer's weights in Flax (Linen and NNX alike)."""
 
-    That covers Dense and Conv kernels and embeddings. Biases and norm scales (1-D), scalars,
-    integer or boolean arrays and non-array leaves are never pruned.
+
+def last_key(path: str) -> str:
+    """The last segment of a slash-separated path: ``'Dense_0/kernel'`` -> ``'kernel'``."""
+    return path.rsplit("/", 1)[-1]
+
+
+def is_float_array(leaf: Any) -> bool:
+    """Whether a leaf is an array of a real floating-point dtype (bfloat16 and float16 included)."""
+    return is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def weights_named(*names: str) -> Where:
+    """A prunability rule: floating-point arrays whose last path key is one of ``names``.
 
     >>> import numpy as np
-    >>> default_where('Dense_0/kernel', np.ones((3, 2))), default_where('Dense_0/bias', np.ones(2))
+    >>> kernels = weights_named('kernel')
+    >>> kernels('Embed_0/embedding', np.ones((5, 2))), kernels('Dense_0/kernel', np.ones((2, 2)))
+    (False, True)
+    """
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"weights_named needs one or more non-empty names, got {names!r}.")
+    chosen = frozenset(names)
+
+    def where(path: str, leaf: Any) -> bool:
+        return last_key(path) in chosen and is_float_array(leaf)
+
+    return where
+
+
+_default_names = weights_named(*WEIGHT_NAMES)
+
+
+def default_where(path: str, leaf: Any) -> bool:
+    """The default prunability rule: Flax weights by name, ``kernel`` and ``embedding``.
+
+    A leaf is prunable when it is a floating-point array whose last path key is ``kernel`` (Dense,
+    DenseGeneral, Einsum, Conv, attention projections; Linen and NNX) or ``embedding`` (``Embed``).
+    Everything else is never pruned, whatever its ndim: ``bias`` (also the ``(heads, head_dim)``
+    biases of attention and the ``(layers, features)`` biases of a scan stack), LayerNorm and
+    BatchNorm ``scale``, batch statistics, integer counters and non-array leaves.
+
+    Embeddings are included because an embedding table is a weight matrix (the connections from a
+    one-hot token to its features), often the largest one of a small Transformer, and Han et al.
+    2015 prune every weight matrix. To leave them dense, pass ``where=weights_named('kernel')``.
+    A model built from raw arrays (no Flax names) matches nothing: pass ``where=``, e.g.
+    ``where=paths_matching('w*')`` or ``where=lambda path, leaf: leaf.ndim >= 2``.
+
+    >>> import numpy as np
+    >>> default_where('Dense_0/kernel', np.ones((3, 2))), default_where('attn/bias', np.ones((2, 4)))
     (True, False)
     """
-    del path
-    return is_array(leaf) and leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
+    return _default_names(path, leaf)
+
+
+def paths_matching(*patterns: str) -> Where:
+    """A prunability rule: floating-point arrays whose path a pattern names (:func:`path_matches`).
+
+    >>> import numpy as np
+    >>> rule = paths_matching('w*', 'layers/*/kernel')
+    >>> rule('w1', np.ones((2, 2))), rule('b1', np.ones(2)), rule('layers/0/kernel', np.ones((2, 2)))
+    (True, False, True)
+    """
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"paths_matching needs one or more patterns, got {patterns!r}.")
+
+    def where(path: str, leaf: Any) -> bool:
+        return is_float_array(leaf) and any(path_matches(path, p) for p in patterns)
+
+    return where
+
+
+def excluding(*patterns: str, where: Where | None = None) -> Where:
+    """A prunability rule: ``where`` (default :func:`default_where`) minus paths matching a pattern.
+
+    A pattern matches a leaf path (``fnmatch``) or any prefix of it ending at a ``/``, so
+    ``'Embed_0'`` excludes everything under ``Embed_0``.
+
+    >>> import numpy as np
+    >>> rule = excluding('head', 'conv1/*')
+    >>> rule('head/kernel', np.ones((2, 2))), rule('fc1/kernel', np.ones((2, 2)))
+    (False, True)
+    """
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"excluding needs one or more patterns, got {patterns!r}.")
+    base = default_where if where is None else where
+
+    def rule(path: str, leaf: Any) -> bool:
+        return base(path, leaf) and not any(path_matches(path, p) for p in patterns)
+
+    return rule
+
+
+def path_matches(path: str, pattern: str) -> bool:
+    """Whether ``pattern`` names ``path``: the path itself, a prefix ending at ``/``, or a glob.
+
+    >>> path_matches('layers/Block/Dense_0/kernel', 'layers'), path_matches('fc1/kernel', 'fc*')
+    (True, True)
+    """
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(p, pattern) for p in prefixes)
+
+
+def prunable_paths(params: PyTree, where: Where | None) -> dict[str, bool]:
+    """Maps each leaf path of ``params`` to whether ``where`` (default rule if None) prunes it.
+
+    Raises:
+      TypeError: if ``where`` selects a leaf that is not a floating-point array.
+      ValueError: if nothing is selected; the message lists the leaves and says what to pass.
+    """
+    rule = default_where if where is None else where
+    entries = leaves_with_paths(params)
+    selected: dict[str, bool] = {}
+    for path, leaf in entries:
+        chosen = bool(rule(path, leaf))
+        if chosen and not is_float_array(leaf):
+            kind = f"dtype {leaf.dtype}" if is_array(leaf) else f"type {type(leaf).__name__}"
+            raise TypeError(
+                f"params[{path!r}] was selected for pruning by `where` but has {kind}; "
+                "only floating-point arrays can be pruned. Make `where` return False for it."
+            )
+        selected[path] = chosen
+    if not any(selected.values()):
+        shown = [f"{p} {getattr(leaf, 'shape', type(leaf).__name__)}" for p, leaf in entries[:8]]
+        if where is None:
+            hint = (
+                "the default rule prunes floating-point leaves named 'kernel' or 'embedding' "
+                "(Flax's weight names). For other names pass where=, e.g. "
+                "where=jaxprune.paths_matching('w*') or where=lambda path, leaf: leaf.ndim >= 2"
+            )
+        else:
+            hint = "the `where` passed selects none of them"
+        raise ValueError(f"params has no prunable leaf: {hint}. The leaves are {shown}.")
+    return selected
+
+
+Stacked = Mapping[str, int]
+"""``{pattern: axis}``: leaves matching ``pattern`` hold one layer per index along ``axis``."""
+
+
+def stacked_axes(params: PyTree, stacked: Stacked | None, prunable: Mapping[str, bool]) -> dict:
+    """Resolves ``stacked={pattern: axis}`` to ``{leaf_path: axis}`` for the prunable leaves.
+
+    A pattern matches like :func:`path_matches` (a leaf path, a prefix ending at ``/`` such as
+    the scanned module's name, or a glob). Axes may be negative.
+
+    Raises:
+      TypeError: if ``stacked`` is not a mapping of strings to ints.
+      ValueError: on a pattern matching no prunable leaf, two patterns matching one leaf, an axis
+        out of range for a leaf, or leaves of one pattern whose sizes along the axis disagree.
+    """
+    if not stacked:
+        return {}
+    if not isinstance(stacked, Mapping):
+        raise TypeError(
+            f"stacked must be a mapping {{pattern: axis}}, e.g. {{'layers': 0}}, got "
+            f"{type(stacked).__name__}."
+        )
+    shapes = {p: tuple(leaf.shape) for p, leaf in leaves_with_paths(params) if prunable.get(p)}
+    axes: dict[str, int] = {}
+    for pattern, axis in stacked.items():
+        if not isinstance(pattern, str) or isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(
+                f"stacked maps a path pattern to an int axis, got {pattern!r}: {axis!r}."
+            )
+        matched = [p for p in shapes if path_matches(p, pattern)]
+        if not matched:
+            raise ValueError(
+                f"stacked[{pattern!r}] matches no prunable leaf; prunable leaves are "
+                f"{list(shapes)[:8]}."
+            )
+        sizes = {}
+        for path in matched:
+            ndim = len(shapes[path])
+            if not -ndim <= axis < ndim:
+                raise ValueError(
+                    f"stacked[{pattern!r}] = {axis} is out of range for params[{path!r}] of "
+                    f"shape {shapes[path]}."
+                )
+            if path in axes:
+                raise ValueError(f"params[{path!r}] is matched by two stacked patterns.")
+            axes[path] = axis % ndim
+            sizes[path] = shapes[path][axis % ndim]
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"stacked[{pattern!r}] matches leaves whose sizes along axis {axis} disagree "
+                f"({sizes}); every leaf of one stack holds the same number of layers."
+            )
+    return axes
+
+
+def slice_name(path: str, index: int) -> str:
+    """The name of one layer of a stacked leaf: ``'layers/Dense_0/kernel[3]'``."""
+    return f"{path}[{index}]"
 
 
 def _shape(leaf: Any) -> tuple[int, ...] | None:
@@ -129,3 +315,27 @@ def check_like(params: PyTree, other: PyTree, *, name: str) -> None:
             raise ValueError(
                 f"{name}[{path!r}] has shape {have}, expected {want} (the shape of params[{path!r}])."
             )
+
+
+class Unit(NamedTuple):
+    """One layer for the rules: a whole leaf (``index`` None) or one slice of a stacked leaf."""
+
+    path: str
+    index: int | None
+
+    @property
+    def name(self) -> str:
+        return self.path if self.index is None else slice_name(self.path, self.index)
+
+
+def layer_units(params: PyTree, prunable: Mapping[str, bool], axes: Mapping[str, int]) -> list:
+    """The layers of ``params`` in flattening order: one :class:`Unit` per leaf or slice."""
+    units = []
+    for path, leaf in leaves_with_paths(params):
+        if not prunable[path]:
+            continue
+        if path in axes:
+            units.extend(Unit(path, i) for i in range(leaf.shape[axes[path]]))
+        else:
+            units.append(Unit(path, None))
+    return units

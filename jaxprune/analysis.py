@@ -20,7 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune._tree import PyTree, Where, default_where, leaves_with_paths, path_str
+from jaxprune._tree import (
+    PyTree,
+    Stacked,
+    Where,
+    layer_units,
+    leaves_with_paths,
+    path_str,
+    prunable_paths,
+    stacked_axes,
+)
 from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity
 
 __all__ = [
@@ -177,7 +186,8 @@ def _check_grid(qs: Any, kept_fractions: Any) -> tuple[str, np.ndarray]:
 
 def _scan_layers(
     apply_fn: ApplyFn,
-    where: Where,
+    where: Where | None,
+    stacked: tuple[tuple[str, int], ...],
     kind: str,
     grid_batch: int,
     params: PyTree,
@@ -188,38 +198,47 @@ def _scan_layers(
     valid: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """Kept fraction and correct count for each ``(layer_id, value)`` grid point."""
-    index = {p: i for i, (p, leaf) in enumerate(_prunable(params, where))}
+    prunable = prunable_paths(params, where)
+    axes = stacked_axes(params, dict(stacked), prunable)
+    shapes = {p: leaf.shape for p, leaf in leaves_with_paths(params)}
+    ids: dict[str, np.ndarray] = {}  # per prunable leaf: the layer id of each entry's layer
+    for i, unit in enumerate(layer_units(params, prunable, axes)):
+        if unit.index is None:
+            ids[unit.path] = np.full((1,) * len(shapes[unit.path]), i, np.int32)
+        elif unit.index == 0:
+            shape = [1] * len(shapes[unit.path])
+            shape[axes[unit.path]] = shapes[unit.path][axes[unit.path]]
+            ids[unit.path] = (i + np.arange(shape[axes[unit.path]], dtype=np.int32)).reshape(shape)
 
     def one_point(point):
         layer_id, value = point
         if kind == "q":
-            masks = compute_masks(params, value, where=where)
+            masks = compute_masks(params, value, where=where, stacked=dict(stacked))
         else:
-            masks = masks_for_sparsity(params, 1.0 - value, scope="layer", where=where)
+            masks = masks_for_sparsity(
+                params, 1.0 - value, scope="layer", where=where, stacked=dict(stacked)
+            )
 
         # Only the selected layer is pruned; the others keep every weight (Han et al. 2015,
         # Fig. 6 prunes layers one at a time). The layer id is traced, so one trace covers all.
         def select(kp, m):
-            i = index.get(path_str(kp))
+            i = ids.get(path_str(kp))
             return m if i is None else jnp.where(layer_id == i, m, True)
 
         masks = jax.tree_util.tree_map_with_path(select, masks)
-        kept = sum(
-            jnp.where(layer_id == index[path_str(kp)], jnp.mean(m), 0.0)
-            for kp, m in jax.tree_util.tree_flatten_with_path(masks)[0]
-            if path_str(kp) in index
-        )
+        kept = jnp.zeros(())
+        for kp, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+            i = ids.get(path_str(kp))
+            if i is not None:  # the mean over the selected layer's entries (zero elsewhere)
+                hit = jnp.broadcast_to(layer_id == i, m.shape)
+                kept += jnp.sum(hit & m) / jnp.maximum(jnp.sum(hit), 1) * jnp.any(hit)
         return kept, _count_correct(apply_fn, apply_masks(params, masks), xs, ys, valid)
 
     # lax.map vmaps grid_batch points at a time: the grid is batched, memory stays bounded.
     return jax.lax.map(one_point, (layer_ids, values), batch_size=grid_batch)
 
 
-_scan_layers_jit = jax.jit(_scan_layers, static_argnums=(0, 1, 2, 3))
-
-
-def _prunable(params: PyTree, where: Where) -> list[tuple[str, Any]]:
-    return [(p, leaf) for p, leaf in leaves_with_paths(params) if where(p, leaf)]
+_scan_layers_jit = jax.jit(_scan_layers, static_argnums=(0, 1, 2, 3, 4))
 
 
 def sensitivity(
@@ -231,6 +250,7 @@ def sensitivity(
     qs: Sequence[float] | None = None,
     kept_fractions: Sequence[float] | None = None,
     where: Where | None = None,
+    stacked: Stacked | None = None,
     batch_size: int = 500,
     grid_batch: int = 4,
 ) -> Sensitivity:
@@ -250,9 +270,11 @@ def sensitivity(
       y: integer labels, shape ``(len(x),)``.
       qs: Han's quality parameters to scan (``>= 0``); give this or ``kept_fractions``.
       kept_fractions: fractions of each layer to keep, in ``(0, 1]``.
-      where: ``where(path, leaf) -> bool`` choosing the layers; default: floating-point arrays
-        with ``ndim >= 2`` (kernels). It is also called on traced leaves, so it must decide by
+      where: ``where(path, leaf) -> bool`` choosing the layers; default
+        :func:`jaxprune.default_where`. It is also called on traced leaves, so it must decide by
         path, shape or dtype, not by values.
+      stacked: ``{pattern: axis}`` for stacked layers (see :func:`jaxprune.compute_masks`): each
+        slice is scanned as its own layer, named ``'path[i]'``.
       batch_size: examples per evaluation batch.
       grid_batch: grid points evaluated together (memory grows with ``grid_batch * batch_size``).
 
@@ -266,31 +288,27 @@ def sensitivity(
 
     Example:
       >>> import numpy as np
-      >>> def apply_fn(p, x): return x @ p["w"]
-      >>> params = {"w": np.array([[0.5, 1.0], [3.0, 0.0]], np.float32)}
+      >>> def apply_fn(p, x): return x @ p["kernel"]
+      >>> params = {"kernel": np.array([[0.5, 1.0], [3.0, 0.0]], np.float32)}
       >>> x = np.eye(2, dtype=np.float32)
       >>> table = sensitivity(apply_fn, params, x, np.array([1, 0]), qs=[0.0, 1.0])
       >>> table.layers, table.kept_fraction.tolist(), table.accuracy.tolist()
-      (('w',), [[1.0, 0.25]], [[1.0, 0.5]])
+      (('kernel',), [[1.0, 0.25]], [[1.0, 0.5]])
     """
     kind, grid = _check_grid(qs, kept_fractions)
     _check_data(x, y, batch_size)
     if isinstance(grid_batch, bool) or not isinstance(grid_batch, int) or grid_batch < 1:
         raise ValueError(f"grid_batch is {grid_batch!r}, expected an int >= 1.")
-    where = default_where if where is None else where
-    layers = tuple(p for p, _ in _prunable(params, where))
-    if not layers:
-        shown = [p for p, _ in leaves_with_paths(params)][:8]
-        raise ValueError(
-            f"params has no prunable layer to scan (leaves: {shown}); the default takes "
-            "floating-point arrays with ndim >= 2. Pass where= to choose layers."
-        )
+    prunable = prunable_paths(params, where)
+    axes = stacked_axes(params, stacked, prunable)
+    layers = tuple(u.name for u in layer_units(params, prunable, axes))
+    stacked_key = tuple(sorted((stacked or {}).items()))
     n_layers, n_grid = len(layers), len(grid)
     layer_ids = np.repeat(np.arange(n_layers, dtype=np.int32), n_grid)
     values = np.tile(grid, n_layers)
     xs, ys, valid = _padded_batches(x, y, batch_size)
     kept, correct = _scan_layers_jit(
-        apply_fn, where, kind, grid_batch, params, layer_ids, values, xs, ys, valid
+        apply_fn, where, stacked_key, kind, grid_batch, params, layer_ids, values, xs, ys, valid
     )
     return Sensitivity(
         layers=layers,

@@ -6,8 +6,9 @@ all-``True`` mask, non-array leaves the Python value ``True``. So ``jax.tree.map
 always works, for Flax Linen dicts and NNX states alike.
 
 Which leaves are prunable is decided by ``where(path, leaf)``; the default
-(:func:`jaxprune._tree.default_where`) takes floating-point arrays with ``ndim >= 2`` (Dense and Conv
-kernels, embeddings) and never biases, norm scales, integer leaves or non-array leaves.
+(:func:`jaxprune.default_where`) takes Flax's weights by name (``kernel``, ``embedding``) and never
+biases, norm scales, batch statistics, integer leaves or non-array leaves, whatever their ndim.
+Layers stacked in one array (``nn.scan``, ``nnx.scan``) are separate layers with ``stacked=``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ import numpy as np
 
 from jaxprune._tree import (
     PyTree,
+    Stacked,
+    Unit,
     Where,
     check_like,
     default_where,
     is_array,
+    layer_units,
     leaves_with_paths,
     path_str,
+    prunable_paths,
+    slice_name,
+    stacked_axes,
 )
 
 QSpec = Any  # a scalar (possibly traced) or a mapping from path / path pattern to a scalar
@@ -37,29 +44,6 @@ QSpec = Any  # a scalar (possibly traced) or a mapping from path / path pattern 
 
 def _is_traced(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
-
-
-def _prunable_paths(params: PyTree, where: Where | None) -> dict[str, bool]:
-    """Maps each leaf path to whether it is pruned, validating what ``where`` selected."""
-    where = default_where if where is None else where
-    entries = leaves_with_paths(params)
-    selected: dict[str, bool] = {}
-    for path, leaf in entries:
-        chosen = bool(where(path, leaf))
-        if chosen and not (is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)):
-            kind = f"dtype {leaf.dtype}" if is_array(leaf) else f"type {type(leaf).__name__}"
-            raise TypeError(
-                f"params[{path!r}] was selected for pruning by `where` but has {kind}; "
-                "only floating-point arrays can be pruned. Make `where` return False for it."
-            )
-        selected[path] = chosen
-    if not any(selected.values()):
-        shown = [f"{p} {getattr(leaf, 'shape', type(leaf).__name__)}" for p, leaf in entries[:8]]
-        raise ValueError(
-            "params has no prunable leaf: the default rule prunes floating-point arrays with "
-            f"ndim >= 2 (kernels), and the leaves are {shown}. Pass `where=` to choose leaves."
-        )
-    return selected
 
 
 def _check_finite(params: PyTree, prunable: Mapping[str, bool]) -> None:
@@ -94,44 +78,54 @@ def _layer_of(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else path
 
 
-def _q_per_leaf(q: QSpec, prunable_paths: list[str]) -> dict[str, Any]:
-    """Resolves ``q`` to one value per prunable leaf path (leaves absent from a mapping are skipped).
+def _q_per_unit(q: QSpec, units: list[Unit]) -> dict[Unit, Any]:
+    """Resolves ``q`` to one value per layer (units absent from a mapping are skipped).
 
-    A mapping key names a leaf path (``'Dense_0/kernel'``), a layer path (``'Dense_0'``), or an
-    ``fnmatch`` pattern over either (``'Conv_*'``). An exact name wins over a pattern; two patterns
-    that both match one leaf are ambiguous and rejected.
+    A mapping key names a slice of a stacked leaf (``'layers/Dense_0/kernel[3]'``), a leaf path
+    (``'Dense_0/kernel'``), a layer path (``'Dense_0'``), or an ``fnmatch`` pattern over any of
+    them (``'Conv_*'``). An exact name wins over a pattern (the most specific exact name first);
+    two patterns that both match one unit are ambiguous and rejected.
     """
     if not isinstance(q, Mapping):
         _check_scalar(q, name="q", low=0.0, high=math.inf, closed_high=False)
-        return dict.fromkeys(prunable_paths, q)
+        return dict.fromkeys(units, q)
     for key, value in q.items():
         _check_scalar(value, name=f"q[{key!r}]", low=0.0, high=math.inf, closed_high=False)
-    resolved: dict[str, Any] = {}
+    resolved: dict[Unit, Any] = {}
     used: set[str] = set()
-    for path in prunable_paths:
-        names = (path, _layer_of(path))
-        exact = [k for k in q if k in names]
+    for unit in units:
+        names = (unit.name, unit.path, _layer_of(unit.path))
+        exact = [n for n in names if n in q]
         if exact:
-            key = path if path in exact else exact[0]
+            key = exact[0]
         else:
             globs = [k for k in q if any(fnmatch.fnmatchcase(n, k) for n in names)]
             if len(globs) > 1:
                 raise ValueError(
-                    f"q has several patterns {globs} matching {path!r}; name the leaf or layer "
-                    "exactly to say which q applies."
+                    f"q has several patterns {globs} matching {unit.name!r}; name the leaf or "
+                    "layer exactly to say which q applies."
                 )
             if not globs:
                 continue
             key = globs[0]
-        resolved[path] = q[key]
+        resolved[unit] = q[key]
         used.add(key)
     unused = [k for k in q if k not in used]
     if unused:
+        shown = [u.name for u in units]
         raise ValueError(
-            f"q names {unused}, which match no prunable leaf or layer; prunable leaves are "
-            f"{prunable_paths}."
+            f"q names {unused}, which match no prunable leaf or layer; prunable layers are "
+            f"{shown[:12]}{' ...' if len(shown) > 12 else ''}."
         )
     return resolved
+
+
+def _per_slice(values: Mapping[int, Any], n: int, axis: int, ndim: int, fill: float) -> jax.Array:
+    """Stacks per-slice scalars into an array that broadcasts along ``axis`` of an ndim array."""
+    column = jnp.stack([jnp.asarray(values.get(i, fill), jnp.float32) for i in range(n)])
+    shape = [1] * ndim
+    shape[axis] = n
+    return column.reshape(shape)
 
 
 def _leafwise(fn, params: PyTree, previous: PyTree | None) -> PyTree:
@@ -150,16 +144,22 @@ def _keep_all(leaf: Any, prev: Any) -> Any:
     return full if prev is None else full & jnp.asarray(prev, dtype=bool)
 
 
-def _prepare(params, previous, where) -> dict[str, bool]:
-    prunable = _prunable_paths(params, where)
+def _prepare(params, previous, where, stacked) -> tuple[dict[str, bool], dict[str, int]]:
+    prunable = prunable_paths(params, where)
+    axes = stacked_axes(params, stacked, prunable)
     if previous is not None:
         check_like(params, previous, name="previous")
     _check_finite(params, prunable)
-    return prunable
+    return prunable, axes
 
 
 def compute_masks(
-    params: PyTree, q: QSpec, *, previous: PyTree | None = None, where: Where | None = None
+    params: PyTree,
+    q: QSpec,
+    *,
+    previous: PyTree | None = None,
+    where: Where | None = None,
+    stacked: Stacked | None = None,
 ) -> PyTree:
     """Computes pruning masks with Han et al.'s rule: keep ``|w| >= q * std(layer)``.
 
@@ -182,8 +182,13 @@ def compute_masks(
         over patterns. Prunable leaves that a mapping does not name are not pruned by this call.
       previous: masks from an earlier round; a pruned connection stays pruned (the new mask is
         and-ed with it).
-      where: ``where(path, leaf) -> bool`` choosing the prunable leaves; default: floating-point
-        arrays with ``ndim >= 2``.
+      where: ``where(path, leaf) -> bool`` choosing the prunable leaves; default
+        :func:`jaxprune.default_where` (leaves named ``kernel`` or ``embedding``).
+      stacked: ``{pattern: axis}`` for layers stacked in one array (``nn.scan`` /
+        ``nnx.scan`` / ``nnx.vmap`` with ``variable_axes={'params': 0}`` make kernels of shape
+        ``(layers, in, out)``): every slice along ``axis`` of a matching leaf is its own layer,
+        with its own std and its own q (a mapping may name ``'path[i]'``). A pattern names a leaf
+        path, a prefix ending at ``/`` (the scanned module, e.g. ``'layers'``) or a glob.
 
     Returns:
       A mask tree with the structure of ``params``: a boolean array of the leaf's shape for each
@@ -191,7 +196,9 @@ def compute_masks(
 
     Raises:
       ValueError: on a negative or non-finite ``q``, a ``q`` key matching no prunable leaf,
-        ``previous`` not matching ``params``, NaN or inf in a prunable weight, or no prunable leaf.
+        ``previous`` not matching ``params``, NaN or inf in a prunable weight, no prunable leaf,
+        or a ``stacked`` pattern that matches nothing, has an axis out of range or stacks leaves
+        of different lengths.
         Checks of values (``q``, NaN) run on concrete inputs, before tracing; under ``jax.jit``
         traced values cannot be inspected and are taken as given.
       TypeError: if ``where`` selects a leaf that is not a floating-point array.
@@ -202,17 +209,26 @@ def compute_masks(
     >>> masks['Dense_0']['kernel'].tolist(), masks['Dense_0']['bias'].tolist()
     ([[False, True], [True, False]], [True, True])
     """
-    prunable = _prepare(params, previous, where)
-    q_of = _q_per_leaf(q, [p for p, chosen in prunable.items() if chosen])
+    prunable, axes = _prepare(params, previous, where, stacked)
+    q_of = _q_per_unit(q, layer_units(params, prunable, axes))
+    by_leaf: dict[str, dict[int | None, Any]] = {}
+    for unit, value in q_of.items():
+        by_leaf.setdefault(unit.path, {})[unit.index] = value
 
     def one(path: str, leaf: Any, prev: Any) -> Any:
-        if path not in q_of:
+        if path not in by_leaf:
             return _keep_all(leaf, prev)
         w = jnp.asarray(leaf).astype(jnp.float32)
         if prev is not None:
             prev = jnp.asarray(prev, dtype=bool)
             w = jnp.where(prev, w, 0.0)
-        threshold = jnp.asarray(q_of[path], dtype=jnp.float32) * jnp.std(w)
+        if path in axes:  # one std and one q per slice; a slice without a q keeps everything
+            axis = axes[path]
+            others = tuple(a for a in range(w.ndim) if a != axis)
+            q_leaf = _per_slice(by_leaf[path], w.shape[axis], axis, w.ndim, fill=0.0)
+            threshold = q_leaf * jnp.std(w, axis=others, keepdims=True)
+        else:
+            threshold = jnp.asarray(by_leaf[path][None], dtype=jnp.float32) * jnp.std(w)
         keep = jnp.abs(w) >= threshold
         return keep if prev is None else keep & prev
 
@@ -240,6 +256,7 @@ def masks_for_sparsity(
     scope: str = "layer",
     previous: PyTree | None = None,
     where: Where | None = None,
+    stacked: Stacked | None = None,
 ) -> PyTree:
     """Masks that prune exactly a ``sparsity`` fraction of the smallest-magnitude weights.
 
@@ -251,10 +268,12 @@ def masks_for_sparsity(
     Args:
       params: a pytree of parameters.
       sparsity: the fraction to prune, in ``[0, 1)`` (may be traced under ``jax.jit``).
-      scope: ``'layer'`` prunes that fraction of every prunable leaf; ``'global'`` ranks the
-        weights of all prunable leaves together, so sensitive layers can keep more.
+      scope: ``'layer'`` prunes that fraction of every prunable leaf (of every slice of a
+        stacked leaf); ``'global'`` ranks the weights of all prunable leaves together, so
+        sensitive layers can keep more (a stacked leaf's slices each count once).
       previous: masks from an earlier round.
       where: ``where(path, leaf) -> bool`` choosing the prunable leaves.
+      stacked: ``{pattern: axis}`` for stacked layers, as in :func:`compute_masks`.
 
     Returns:
       A mask tree like :func:`compute_masks`'s.
@@ -264,17 +283,18 @@ def masks_for_sparsity(
         matching ``params``, NaN or inf in a prunable weight, or no prunable leaf.
 
     >>> import numpy as np
-    >>> params = {'w': np.array([[4.0, -1.0], [2.0, 3.0]]), 'v': np.array([[0.5, 5.0]])}
-    >>> masks_for_sparsity(params, 0.5)['w'].tolist()
+    >>> params = {'a': {'kernel': np.array([[4.0, -1.0], [2.0, 3.0]])},
+    ...           'b': {'kernel': np.array([[0.5, 5.0]])}}
+    >>> masks_for_sparsity(params, 0.5)['a']['kernel'].tolist()
     [[True, False], [False, True]]
     >>> m = masks_for_sparsity(params, 0.5, scope='global')
-    >>> m['v'].tolist(), m['w'].tolist()
+    >>> m['b']['kernel'].tolist(), m['a']['kernel'].tolist()
     ([[False, True]], [[True, False], [False, True]])
     """
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
     _check_scalar(sparsity, name="sparsity", low=0.0, high=1.0, closed_high=False)
-    prunable = _prepare(params, previous, where)
+    prunable, axes = _prepare(params, previous, where, stacked)
     prev_of = dict(leaves_with_paths(previous)) if previous is not None else {}
 
     def magnitudes(path: str, leaf: Any) -> jax.Array:
@@ -285,10 +305,18 @@ def masks_for_sparsity(
 
     chosen = [(p, leaf) for p, leaf in leaves_with_paths(params) if prunable[p]]
     if scope == "layer":
-        keep_of = {
-            p: _keep_largest(magnitudes(p, leaf), _pruned_count(sparsity, leaf.size))
-            for p, leaf in chosen
-        }
+        keep_of = {}
+        for p, leaf in chosen:
+            if p not in axes:
+                keep_of[p] = _keep_largest(magnitudes(p, leaf), _pruned_count(sparsity, leaf.size))
+                continue
+            axis, shape = axes[p], leaf.shape
+            rows = jnp.moveaxis(magnitudes(p, leaf).reshape(shape), axis, 0)
+            n_pruned = _pruned_count(sparsity, leaf.size // shape[axis])
+            keep = jax.vmap(_keep_largest, in_axes=(0, None))(
+                rows.reshape(shape[axis], -1), n_pruned
+            )
+            keep_of[p] = jnp.moveaxis(keep.reshape(rows.shape), 0, axis)
     else:
         flat = jnp.concatenate([magnitudes(p, leaf) for p, leaf in chosen])
         keep = _keep_largest(flat, _pruned_count(sparsity, flat.size))
@@ -402,16 +430,20 @@ class Summary:
         return "\n".join([fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
 
 
-def summarize(params: PyTree, masks: PyTree, *, where: Where | None = None) -> Summary:
+def summarize(
+    params: PyTree, masks: PyTree, *, where: Where | None = None, stacked: Stacked | None = None
+) -> Summary:
     """Counts the kept connections of each prunable leaf (Han et al. 2015, Table 2 style).
 
-    Rows cover the leaves that ``where`` selects (default: floating arrays with ``ndim >= 2``)
-    and any other leaf whose mask prunes something.
+    Rows cover the leaves that ``where`` selects (default :func:`jaxprune.default_where`) and any
+    other array leaf whose mask prunes something; a stacked leaf gets one row per slice, named
+    ``'path[i]'``.
 
     Args:
       params: a pytree of parameters.
       masks: a mask tree matching ``params``.
       where: ``where(path, leaf) -> bool`` choosing the rows; default as in :func:`compute_masks`.
+      stacked: ``{pattern: axis}`` for stacked layers, as in :func:`compute_masks`.
 
     Returns:
       A :class:`Summary`; ``summary.rows``, ``summary.total``, ``summary.kept``, ``str(summary)``.
@@ -425,14 +457,23 @@ def summarize(params: PyTree, masks: PyTree, *, where: Where | None = None) -> S
     (1, 4, 0.25)
     """
     check_like(params, masks, name="masks")
-    where = default_where if where is None else where
+    rule = default_where if where is None else where
     mask_of = dict(leaves_with_paths(masks))
+    shown = {
+        path: is_array(leaf) and (rule(path, leaf) or not np.all(np.asarray(mask_of[path])))
+        for path, leaf in leaves_with_paths(params)
+    }
+    axes = stacked_axes(params, stacked, shown)
     rows = []
     for path, leaf in leaves_with_paths(params):
-        if not is_array(leaf):
+        if not shown[path]:
             continue
-        mask = np.asarray(mask_of[path], dtype=bool)
-        kept = int(np.broadcast_to(mask, leaf.shape).sum())
-        if where(path, leaf) or kept < leaf.size:
-            rows.append(LayerSummary(path, tuple(leaf.shape), int(leaf.size), kept))
+        mask = np.broadcast_to(np.asarray(mask_of[path], dtype=bool), leaf.shape)
+        if path not in axes:
+            rows.append(LayerSummary(path, tuple(leaf.shape), int(leaf.size), int(mask.sum())))
+            continue
+        for i, part in enumerate(np.moveaxis(mask, axes[path], 0)):
+            rows.append(
+                LayerSummary(slice_name(path, i), part.shape, int(part.size), int(part.sum()))
+            )
     return Summary(tuple(rows))

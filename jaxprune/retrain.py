@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxprune._tree import PyTree, Where, is_array, leaves_with_paths
+from jaxprune._tree import WEIGHT_NAMES, PyTree, Where, is_array, last_key, leaves_with_paths
 from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
 from jaxprune.transform import keep_pruned, update_masks
 
@@ -209,8 +209,10 @@ def dropout_rate(rate: float, connections_before: int, connections_after: int) -
 def connection_counts(masks: PyTree) -> dict[str, tuple[int, int]]:
     """Counts kept and total connections of each layer kernel in a mask tree.
 
-    A mask leaf counts as a layer's connections when it is an array with ``ndim >= 2`` (Dense and
-    Conv kernels, the leaves pruned by default); biases are not connections.
+    A mask leaf counts as a layer's connections when its path ends in a Flax weight name
+    (``kernel``, ``embedding``: the leaves :func:`jaxprune.default_where` prunes) or when it
+    prunes something (a leaf chosen by another ``where``); biases and norm scales are not
+    connections.
 
     Args:
       masks: a mask tree (see :func:`jaxprune.masks.compute_masks`).
@@ -226,7 +228,7 @@ def connection_counts(masks: PyTree) -> dict[str, tuple[int, int]]:
     return {
         path: (int(np.count_nonzero(np.asarray(m))), int(np.size(m)))
         for path, m in leaves_with_paths(masks)
-        if is_array(m) and np.ndim(m) >= 2
+        if is_array(m) and (last_key(path) in WEIGHT_NAMES or not np.all(np.asarray(m)))
     }
 
 
@@ -244,7 +246,7 @@ def retrain_dropout_rates(
       ``{dropout_name: rate}``.
 
     Raises:
-      ValueError: if a kernel path is not a kernel (``ndim >= 2``) of ``masks``.
+      ValueError: if a kernel path is not a kernel of ``masks`` (see :func:`connection_counts`).
 
     >>> import numpy as np
     >>> masks = {'fc1': {'kernel': np.array([[True, False], [False, False]])}}
@@ -389,9 +391,9 @@ def prune_and_retrain(
         that is not in the masks, or an epoch without batches.
 
     >>> import jax, jax.numpy as jnp
-    >>> params = {'w': jax.random.normal(jax.random.key(0), (4, 3))}
+    >>> params = {'kernel': jax.random.normal(jax.random.key(0), (4, 3))}
     >>> x = jax.random.normal(jax.random.key(1), (8, 4))
-    >>> loss = lambda p, b, rng, rates: jnp.mean((b @ p['w'] - 1.0) ** 2)
+    >>> loss = lambda p, b, rng, rates: jnp.mean((b @ p['kernel'] - 1.0) ** 2)
     >>> runs = prune_and_retrain(params, loss, lambda e: [x] * 5, lambda p: 0.0, rounds=2,
     ...                          learning_rate=0.1, sparsity=[0.5, 0.75])
     >>> [h.kept_total for h in list(runs)[-1].history]

@@ -44,7 +44,7 @@ def _bcoo_paths(tree: PyTree) -> list[tuple[str, Any]]:
 def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyTree:
     """Exports pruned params as a pytree whose pruned kernels are ``BCOO`` matrices.
 
-    Every leaf selected by ``where`` (default: floating-point arrays with ``ndim >= 2``) becomes a
+    Every leaf selected by ``where`` (default :func:`jaxprune.default_where`) becomes a
     ``BCOO`` of the leaf's own shape and dtype with ``nse`` equal to its kept count, indices sorted
     and unique, ``n_batch = n_dense = 0``; this holds even for a kernel whose mask is all ``True``,
     so the exported tree always says which kernels are sparse. Pruned entries are dropped whatever
@@ -128,9 +128,9 @@ def to_dense(exported: PyTree) -> PyTree:
       ValueError: if a ``BCOO`` has batch or dense dimensions (not produced by :func:`to_bcoo`).
 
     >>> import numpy as np
-    >>> params = {'w': np.array([[1.0, -2.0], [3.0, 4.0]])}
-    >>> masks = {'w': np.array([[True, False], [False, True]])}
-    >>> to_dense(to_bcoo(params, masks))['w'].tolist()
+    >>> params = {'kernel': np.array([[1.0, -2.0], [3.0, 4.0]])}
+    >>> masks = {'kernel': np.array([[True, False], [False, True]])}
+    >>> to_dense(to_bcoo(params, masks))['kernel'].tolist()
     [[1.0, 0.0], [0.0, 4.0]]
     """
 

@@ -32,6 +32,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental.sparse import BCOO
 
+from jaxprune._tree import WEIGHT_NAMES, last_key
+
 __all__ = ["FORMAT_VERSION", "FileFormatError", "LeafReport", "SaveReport", "load", "save"]
 
 FORMAT_VERSION = 1
@@ -411,10 +413,12 @@ def _little_endian(arr: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- leaves
 
 
-def _lossy(mode: str, dtype: np.dtype, ndim: int) -> str:
-    # Lossy modes touch weights only (floating, ndim >= 2); biases and other small leaves stay
-    # exact, as in Deep Compression (Han et al. 2016).
-    return mode if jnp.issubdtype(dtype, jnp.floating) and ndim >= 2 else "exact"
+def _lossy(mode: str, dtype: np.dtype, path: str, sparse: bool) -> str:
+    # Lossy modes touch weights only (exported BCOO kernels and leaves with a Flax weight name);
+    # biases, norm scales and other small leaves stay exact, as in Deep Compression (Han et al.
+    # 2016).
+    weight = sparse or last_key(path) in WEIGHT_NAMES
+    return mode if jnp.issubdtype(dtype, jnp.floating) and weight else "exact"
 
 
 def _encode_bcoo(leaf: BCOO, where: str, opts: dict, payload: _Payload):
@@ -439,7 +443,7 @@ def _encode_bcoo(leaf: BCOO, where: str, opts: dict, payload: _Payload):
             "(call .sum_duplicates() on it first)"
         )
     index = _encode_index(flat, size, opts["index"], payload)
-    mode = _lossy(opts["values"], values.dtype, len(shape))
+    mode = _lossy(opts["values"], values.dtype, where, sparse=True)
     value_entry, restored, value_name = _encode_values(values, mode, opts["bits"], where, payload)
     entry = {
         "kind": "bcoo",
@@ -466,7 +470,7 @@ def _encode_dense(leaf: Any, where: str, opts: dict, payload: _Payload):
     arr = np.asarray(leaf)
     dtype = _dtype_name(arr.dtype, where)
     values = _little_endian(arr).ravel()
-    mode = _lossy(opts["values"], arr.dtype, arr.ndim)
+    mode = _lossy(opts["values"], arr.dtype, where, sparse=False)
     value_entry, restored, value_name = _encode_values(values, mode, opts["bits"], where, payload)
     entry = {"kind": "dense", "shape": list(arr.shape), "dtype": dtype, "values": value_entry}
     return entry, "", value_name, int(arr.size), _max_abs_error(values, restored)
@@ -692,8 +696,8 @@ def save(
         ``jaxprune.sparse.to_bcoo`` or a Linen params dict or ``nnx.state(model, nnx.Param)``.
       values: ``'exact'`` (default) keeps every value bit-exact. ``'float16'`` rounds the weights to
         half precision; ``'shared'`` replaces them by ``2**bits`` shared values per leaf found by
-        1-D k-means (Han et al. 2016, Deep Compression). Lossy modes touch floating leaves with
-        ndim >= 2 only; biases stay exact.
+        1-D k-means (Han et al. 2016, Deep Compression). Lossy modes touch weights only (BCOO
+        leaves and floating leaves named ``kernel`` or ``embedding``); biases stay exact.
       bits: code width for ``values='shared'``, 1 to 8.
       index: ``'auto'`` picks per leaf the smallest of ``'bitmask'`` and ``'delta'`` (gaps as
         uint8 or uint16 tokens); either can be forced, e.g. to compare them.

@@ -34,10 +34,19 @@ class PruneGradientsState(NamedTuple):
 
 
 class KeepPrunedState(NamedTuple):
-    """State of :func:`keep_pruned`: the current masks and the wrapped optimizer's state."""
+    """State of :func:`keep_pruned`.
+
+    Attributes:
+      masks: the current masks (``True`` = connection kept).
+      inner_state: the wrapped optimizer's state.
+      corrected: a boolean scalar, whether the last update sent a non-zero pruned weight to zero
+        (its update was ``-w``); if that weight is still non-zero at the next update, something
+        after ``keep_pruned`` changed the update and :func:`keep_pruned` raises.
+    """
 
     masks: PyTree
     inner_state: optax.OptState
+    corrected: jax.Array
 
 
 _MASKED_STATES = (PruneGradientsState, KeepPrunedState)
@@ -176,6 +185,46 @@ def _hold_pruned(u: jax.Array, m: Any, p: Any = None) -> jax.Array:
     return jnp.where(m, u, held)
 
 
+def _stray_flags(masks: PyTree, params: PyTree) -> list[tuple[str, jax.Array]]:
+    """``(path, any pruned weight != 0)`` for each masked floating-point leaf."""
+    flags = []
+    for (path, m), p in zip(leaves_with_paths(masks), jax.tree.leaves(params), strict=True):
+        if m is not True and _is_float_array(p):
+            flags.append((path, jnp.any(~m & (p != 0))))
+    return flags
+
+
+def _position_error(paths: list[str]) -> ValueError:
+    return ValueError(
+        f"keep_pruned: pruned weights of {paths[:5]} are still non-zero one step after "
+        "keep_pruned set their updates to -w. A transformation after keep_pruned (a learning-rate "
+        "scale, clipping, a schedule) changed those updates. When you change masks, zero the "
+        "newly pruned weights yourself (params = jaxprune.apply_masks(params, masks), as "
+        "prune_and_retrain does), or make keep_pruned the outermost "
+        "transformation: keep_pruned(optax.chain(...), masks)."
+    )
+
+
+def _check_position(corrected: jax.Array, flags: list[tuple[str, jax.Array]]) -> jax.Array:
+    """Raises if a pruned weight stayed non-zero after a correction; returns the new flag."""
+    if not flags:
+        return jnp.zeros((), bool)
+    paths = [p for p, _ in flags]
+    stray = jnp.stack([f for _, f in flags])
+    if not isinstance(stray, jax.core.Tracer) and not isinstance(corrected, jax.core.Tracer):
+        if bool(corrected) and bool(stray.any()):
+            raise _position_error([p for p, f in zip(paths, np.asarray(stray), strict=True) if f])
+        return stray.any()
+
+    def fail(bad: np.ndarray) -> None:
+        if np.any(bad):  # under vmap both branches may run: decide on the values
+            raise _position_error([p for p, f in zip(paths, np.asarray(bad), strict=True) if f])
+
+    bad = corrected & stray
+    jax.lax.cond(bad.any(), lambda b: jax.debug.callback(fail, b), lambda b: None, bad)
+    return stray.any()
+
+
 def keep_pruned(
     inner: optax.GradientTransformation, masks: PyTree, *, weight_decay: float = 0.0
 ) -> optax.GradientTransformationExtraArgs:
@@ -199,6 +248,17 @@ def keep_pruned(
     Pass params to ``update`` (as ``optax.apply_updates`` users do): without them pruned updates
     are ``0``, which keeps pruned weights where they are, so they must already be zero.
 
+    Where it sits in a chain. Pruned weights that are zero get a zero update, and every
+    transformation after ``keep_pruned`` that maps a zero update to zero (learning-rate scales,
+    schedules, ``clip_by_global_norm``, ``MultiSteps``, ``inject_hyperparams``) keeps it so: they
+    stay exactly ``+0.0`` wherever ``keep_pruned`` is. Only the ``-w`` of a pruned weight that is
+    not zero yet needs ``keep_pruned`` to be outermost; elsewhere a later scale would shrink it
+    to ``(1 - lr) * w``. So when masks change, zero the newly pruned weights with
+    :func:`jaxprune.apply_masks` (:func:`jaxprune.prune_and_retrain` does it for you). If a pruned weight is still non-zero one
+    update after its ``-w``, ``update`` raises an error naming the leaf instead of training a
+    model that is not the pruned one (under ``jax.jit`` the error comes through a host callback,
+    as a ``JaxRuntimeError`` carrying the message).
+
     Args:
       inner: the optimizer to wrap, e.g. ``optax.sgd(lr, momentum=0.9)`` or ``optax.adamw(lr)``.
       masks: a mask tree matching the params (see :func:`jaxprune.masks.compute_masks`).
@@ -211,8 +271,9 @@ def keep_pruned(
 
     Raises:
       ValueError: on a negative or non-finite ``weight_decay``; from ``init``/``update``, when the
-        masks do not match the params/updates (naming the leaf path), or when ``weight_decay > 0``
-        and ``update`` gets no params.
+        masks do not match the params/updates (naming the leaf path), when ``weight_decay > 0``
+        and ``update`` gets no params, or when a pruned weight stays non-zero after its ``-w``
+        update (see above).
       TypeError: if a mask leaf is not boolean.
 
     >>> import jax.numpy as jnp, optax
@@ -231,7 +292,7 @@ def keep_pruned(
 
     def init_fn(params: optax.Params) -> KeepPrunedState:
         check_like(_pure(params), masks, name="masks")
-        return KeepPrunedState(masks=masks, inner_state=inner.init(params))
+        return KeepPrunedState(masks, inner.init(params), jnp.zeros((), bool))
 
     def update_fn(
         updates: optax.Updates,
@@ -243,9 +304,12 @@ def keep_pruned(
         updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         if params is None:
             updates = _map_masked(_hold_pruned, updates, state.masks)
+            corrected = jnp.zeros((), bool)
         else:
             updates = _map_masked(_hold_pruned, updates, state.masks, _pure(params))
-        return updates, KeepPrunedState(masks=state.masks, inner_state=inner_state)
+            flags = _stray_flags(state.masks, _pure(params))
+            corrected = _check_position(state.corrected, flags)
+        return updates, KeepPrunedState(state.masks, inner_state, corrected)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -268,12 +332,17 @@ def _regrown(old: PyTree, new: PyTree) -> list[tuple[str, int]]:
 
 
 def _placed_like(new: Any, old: Any) -> Any:
-    # Same dtype and placement as the old mask, so a jitted step sees an identical signature.
+    # Same dtype, placement and commitment as the old mask, so a jitted step sees an identical
+    # signature: jit keys its cache on whether an argument is committed to a device, so a
+    # committed mask in a state that tx.init left uncommitted would compile the step again.
     if not is_array(new):
         return new
     new = jnp.asarray(new, dtype=bool)
     if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
-        new = jax.device_put(new, old.sharding)
+        if old.committed:
+            new = jax.device_put(new, old.sharding)
+        elif isinstance(new, jax.Array) and new.committed:
+            new = jnp.asarray(np.asarray(new))  # an uncommitted copy; only single-device here
     return new
 
 
@@ -292,7 +361,12 @@ def _swap_masks(state: Any, new_masks: PyTree, allow_regrow: bool) -> Any:
             )
     flat_old, treedef = jax.tree.flatten(old)
     placed = [_placed_like(n, o) for n, o in zip(jax.tree.leaves(new), flat_old, strict=True)]
-    return state._replace(masks=jax.tree.unflatten(treedef, placed))
+    state = state._replace(masks=jax.tree.unflatten(treedef, placed))
+    if isinstance(state, KeepPrunedState):  # the check is about weights of the current masks
+        (flag,), flag_def = jax.tree.flatten(state.corrected)  # keeps NNX's Variable wrapper
+        reset = _placed_like(np.zeros((), bool), flag)
+        state = state._replace(corrected=jax.tree.unflatten(flag_def, [reset]))
+    return state
 
 
 def update_masks(

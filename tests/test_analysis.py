@@ -189,7 +189,7 @@ def test_sensitivity_table_rows_and_text(problem):
         ({"kept_fractions": [0.0, 0.5]}, r"kept_fractions must be in \(0, 1\], got \[0\.0\]"),
         ({"qs": []}, r"q grid has shape \(0,\), expected a non-empty 1-D"),
         ({"qs": [1.0], "grid_batch": 0}, r"grid_batch is 0, expected an int >= 1"),
-        ({"qs": [1.0], "where": lambda p, leaf: False}, r"params has no prunable layer to scan"),
+        ({"qs": [1.0], "where": lambda p, leaf: False}, r"params has no prunable leaf"),
     ],
 )
 def test_sensitivity_rejects_bad_options(problem, kwargs, match):

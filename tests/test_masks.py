@@ -58,16 +58,18 @@ def test_q_mapping_by_layer_leaf_and_pattern():
 
 
 def test_masks_for_sparsity_by_hand_with_ties():
-    params = {"w": np.array([[1.0, 1.0, 1.0, 2.0]], np.float32)}
+    params = {"kernel": np.array([[1.0, 1.0, 1.0, 2.0]], np.float32)}
     # Prune 2 of 4: the tie among the 1.0s is broken by position, earliest first.
-    assert jaxprune.masks_for_sparsity(params, 0.5)["w"].tolist() == [[False, False, True, True]]
+    assert jaxprune.masks_for_sparsity(params, 0.5)["kernel"].tolist() == [
+        [False, False, True, True]
+    ]
 
 
 def test_previous_pruned_weights_are_pruned_first_by_sparsity():
-    params = {"w": np.array([[5.0, 1.0, 2.0, 3.0]], np.float32)}
-    previous = {"w": np.array([[False, True, True, True]])}
+    params = {"kernel": np.array([[5.0, 1.0, 2.0, 3.0]], np.float32)}
+    previous = {"kernel": np.array([[False, True, True, True]])}
     masks = jaxprune.masks_for_sparsity(params, 0.5, previous=previous)
-    assert masks["w"].tolist() == [[False, False, True, True]]
+    assert masks["kernel"].tolist() == [[False, False, True, True]]
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -132,10 +134,10 @@ def test_masks_for_sparsity_hits_the_exact_count(ks, sparsity, scope):
 
 @given(kernels, st.floats(0.01, 0.99))
 def test_global_and_layer_agree_for_one_layer_and_keep_the_largest(kernel, sparsity):
-    params = {"w": kernel}
-    layer = np.asarray(jaxprune.masks_for_sparsity(params, sparsity)["w"])
+    params = {"kernel": kernel}
+    layer = np.asarray(jaxprune.masks_for_sparsity(params, sparsity)["kernel"])
     assert np.array_equal(
-        layer, np.asarray(jaxprune.masks_for_sparsity(params, sparsity, scope="global")["w"])
+        layer, np.asarray(jaxprune.masks_for_sparsity(params, sparsity, scope="global")["kernel"])
     )
     if layer.any() and (~layer).any():
         assert np.abs(kernel[layer]).min() >= np.abs(kernel[~layer]).max()
@@ -212,12 +214,12 @@ def test_jit_does_not_recompile_for_a_new_q():
 
 
 def test_strict_dtype_promotion_and_bfloat16():
-    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.bfloat16)}
+    params = {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.bfloat16)}
     with jax.numpy_dtype_promotion("strict"):
         masks = jaxprune.compute_masks(params, 0.5)
         sparse = jaxprune.masks_for_sparsity(params, 0.25)
         out = jaxprune.apply_masks(params, masks)
-    assert out["w"].dtype == jnp.bfloat16 and int(sparse["w"].sum()) == 12
+    assert out["kernel"].dtype == jnp.bfloat16 and int(sparse["kernel"].sum()) == 12
 
 
 # --- summaries ------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def test_no_prunable_leaf():
 
 
 def test_integer_leaf_selected_by_where():
-    params = {"step": np.ones((2, 2), np.int32), "w": np.ones((2, 2), np.float32)}
+    params = {"step": np.ones((2, 2), np.int32), "kernel": np.ones((2, 2), np.float32)}
     with pytest.raises(TypeError, match=r"params\['step'\] was selected .* dtype int32"):
         jaxprune.compute_masks(params, 1.0, where=lambda path, leaf: True)
     masks = jaxprune.compute_masks(params, 1.0)  # default rule leaves integers alone

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.sparse import BCOO
 
+import jaxprune
 from jaxprune import _kernels
 from jaxprune.sparse import sparse_apply, to_bcoo, to_dense
 
@@ -280,7 +281,7 @@ def test_unsupported_linen_raw_param_is_named():
             return x @ self.param("w", nn.initializers.normal(), (5, 3))
 
     params, masks = _linen(Raw(), (5,))
-    apply = sparse_apply(Raw(), to_bcoo(params, masks))
+    apply = sparse_apply(Raw(), to_bcoo(params, masks, where=jaxprune.paths_matching("w")))
     with pytest.raises(ValueError, match=r"'<root>' \(Raw\) holds pruned weights \['w'\]"):
         apply(jnp.ones((1, 5)))
 

@@ -316,11 +316,12 @@ def test_shared_weights_use_at_most_2_to_the_bits_values(tmp_path_factory, bits,
     kernel = magnitude_pruned(rng, (30, 20), 0.3)
     conv = jax.device_put(rng.normal(size=(3, 3, 2, 4)).astype(np.float32))  # dense weights too
     path = tmp_path_factory.mktemp("shared") / "s.jxp"
-    report = save(path, {"kernel": kernel, "conv": conv}, values="shared", bits=bits)
+    tree = {"kernel": kernel, "Conv_0": {"kernel": conv}}
+    report = save(path, tree, values="shared", bits=bits)
     got = load(path)
     np.testing.assert_array_equal(np.asarray(got["kernel"].indices), np.asarray(kernel.indices))
     errors = []
-    for new, old in ((got["kernel"].data, kernel.data), (got["conv"], conv)):
+    for new, old in ((got["kernel"].data, kernel.data), (got["Conv_0"]["kernel"], conv)):
         new, old = np.asarray(new, np.float64), np.asarray(old, np.float64)
         assert len(np.unique(new)) <= 2**bits
         errors.append(np.max(np.abs(new - old)))
@@ -341,8 +342,8 @@ def test_shared_weights_keep_pruned_zeros_of_dense_leaves(tmp_path):
     rng = np.random.default_rng(6)
     w = rng.normal(size=(20, 10)).astype(np.float32)
     w[np.abs(w) < 1.0] = 0.0
-    report = save(tmp_path / "z.jxp", {"w": jax.device_put(w)}, values="shared", bits=1)
-    got = np.asarray(load(tmp_path / "z.jxp")["w"])
+    report = save(tmp_path / "z.jxp", {"kernel": jax.device_put(w)}, values="shared", bits=1)
+    got = np.asarray(load(tmp_path / "z.jxp")["kernel"])
     np.testing.assert_array_equal(got == 0, w == 0)
     assert len(np.unique(got)) == 2 and report.max_abs_error > 0.0
 
