@@ -23,7 +23,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxprune._tree import WEIGHT_NAMES, PyTree, Where, is_array, last_key, leaves_with_paths
+from jaxprune._tree import (
+    WEIGHT_NAMES,
+    PyTree,
+    Stacked,
+    Where,
+    is_array,
+    last_key,
+    leaves_with_paths,
+)
 from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
 from jaxprune.transform import keep_pruned, update_masks
 
@@ -335,6 +343,7 @@ def prune_and_retrain(
     dropout: Mapping[str, tuple[float, str]] | None = None,
     seed: int | jax.Array = 0,
     where: Where | None = None,
+    stacked: Stacked | None = None,
     resume: RoundsState | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> Iterator[RoundsState]:
@@ -376,6 +385,8 @@ def prune_and_retrain(
         outputs of the layer whose kernel is at ``kernel_path`` and follows its connection count.
       seed: an int seed, or a PRNG key (any ``impl``), for the dropout RNGs.
       where: the prunability rule passed to the mask functions.
+      stacked: ``{pattern: axis}`` for scan-stacked layers, passed to the mask functions and the
+        summary: each slice is a layer for the std, the sparsity target and ``kept``.
       resume: a state yielded by an earlier call with the same arguments; rounds before
         ``resume.round`` are skipped.
       on_epoch: ``on_epoch(round, epoch, mean_train_loss)`` after each epoch (progress bars).
@@ -411,9 +422,11 @@ def prune_and_retrain(
         q_r = _schedule_value(q, r, rounds, name="q")
         s_r = _schedule_value(sparsity, r, rounds, name="sparsity")
         if q_r is not None:
-            masks = compute_masks(params, q_r, previous=masks, where=where)
+            masks = compute_masks(params, q_r, previous=masks, where=where, stacked=stacked)
         else:
-            masks = masks_for_sparsity(params, s_r, scope=scope, previous=masks, where=where)
+            masks = masks_for_sparsity(
+                params, s_r, scope=scope, previous=masks, where=where, stacked=stacked
+            )
         params = apply_masks(params, masks)
         if tx is None:
             tx = keep_pruned(optimizer(lr), masks, weight_decay=weight_decay)
@@ -437,7 +450,7 @@ def prune_and_retrain(
             if on_epoch is not None:
                 on_epoch(r, e, float(epoch_loss) / n)
         params, opt_state = state.params, state.opt_state
-        summary = summarize(params, masks, where=where)
+        summary = summarize(params, masks, where=where, stacked=stacked)
         record = RoundRecord(
             round=r,
             q=q_r,
