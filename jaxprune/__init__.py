@@ -35,6 +35,7 @@ from jaxprune.transform import (
     PruneGradientsState,
     keep_pruned,
     prune_gradients,
+    raise_if_misplaced,
     update_masks,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "paths_matching",
     "prune_and_retrain",
     "prune_gradients",
+    "raise_if_misplaced",
     "retrain_dropout_rates",
     "retrain_state",
     "save",

@@ -33,7 +33,7 @@ from jaxprune._tree import (
     leaves_with_paths,
 )
 from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
-from jaxprune.transform import keep_pruned, update_masks
+from jaxprune.transform import keep_pruned, raise_if_misplaced, update_masks
 
 Batch = Any
 LossFn = Callable[..., Any]
@@ -450,6 +450,7 @@ def prune_and_retrain(
             if on_epoch is not None:
                 on_epoch(r, e, float(epoch_loss) / n)
         params, opt_state = state.params, state.opt_state
+        raise_if_misplaced(opt_state)
         summary = summarize(params, masks, where=where, stacked=stacked)
         record = RoundRecord(
             round=r,

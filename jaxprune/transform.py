@@ -39,14 +39,18 @@ class KeepPrunedState(NamedTuple):
     Attributes:
       masks: the current masks (``True`` = connection kept).
       inner_state: the wrapped optimizer's state.
-      corrected: a boolean scalar, whether the last update sent a non-zero pruned weight to zero
-        (its update was ``-w``); if that weight is still non-zero at the next update, something
-        after ``keep_pruned`` changed the update and :func:`keep_pruned` raises.
+      countdown: an int32 scalar, the updates left until the check: 2 when masks were installed
+        (``init``, :func:`update_masks`); the first update sends pruned weights to zero with
+        ``-w``, the second checks that they are zero.
+      misplaced: one bool per masked leaf, sticky: a pruned weight was still non-zero one update
+        after its ``-w``, so a transformation after ``keep_pruned`` changed the update.
+        :func:`update_masks` and :func:`jaxprune.prune_and_retrain` raise on it.
     """
 
     masks: PyTree
     inner_state: optax.OptState
-    corrected: jax.Array
+    countdown: jax.Array
+    misplaced: jax.Array
 
 
 _MASKED_STATES = (PruneGradientsState, KeepPrunedState)
@@ -185,7 +189,7 @@ def _hold_pruned(u: jax.Array, m: Any, p: Any = None) -> jax.Array:
     return jnp.where(m, u, held)
 
 
-def _stray_flags(masks: PyTree, params: PyTree) -> list[tuple[str, jax.Array]]:
+def _stray_flags(masks: PyTree, params: PyTree) -> list[tuple[str, Any]]:
     """``(path, any pruned weight != 0)`` for each masked floating-point leaf."""
     flags = []
     for (path, m), p in zip(leaves_with_paths(masks), jax.tree.leaves(params), strict=True):
@@ -205,24 +209,36 @@ def _position_error(paths: list[str]) -> ValueError:
     )
 
 
-def _check_position(corrected: jax.Array, flags: list[tuple[str, jax.Array]]) -> jax.Array:
-    """Raises if a pruned weight stayed non-zero after a correction; returns the new flag."""
-    if not flags:
-        return jnp.zeros((), bool)
-    paths = [p for p, _ in flags]
-    stray = jnp.stack([f for _, f in flags])
-    if not isinstance(stray, jax.core.Tracer) and not isinstance(corrected, jax.core.Tracer):
-        if bool(corrected) and bool(stray.any()):
-            raise _position_error([p for p, f in zip(paths, np.asarray(stray), strict=True) if f])
-        return stray.any()
+def _check_position(state: KeepPrunedState, params: PyTree) -> KeepPrunedState:
+    """Counts down after a mask change; at 1, records pruned weights that are still non-zero.
 
-    def fail(bad: np.ndarray) -> None:
-        if np.any(bad):  # under vmap both branches may run: decide on the values
-            raise _position_error([p for p, f in zip(paths, np.asarray(bad), strict=True) if f])
+    Only the update after the ``-w`` one looks at the weights (a ``lax.cond``), so steady steps
+    pay for a scalar test. Concrete values (no jit) raise at once; under jit the flags stay in
+    the state for :func:`update_masks` to raise on the host, since a host callback in the step
+    would cost a round trip every step.
+    """
+    misplaced = state.misplaced
+    if misplaced.shape[0]:
 
-    bad = corrected & stray
-    jax.lax.cond(bad.any(), lambda b: jax.debug.callback(fail, b), lambda b: None, bad)
-    return stray.any()
+        def check(_):
+            return jnp.stack([f for _, f in _stray_flags(state.masks, params)])
+
+        due = state.countdown == 1
+        stray = jax.lax.cond(due, check, lambda _: jnp.zeros_like(misplaced), None)
+        if not isinstance(stray, jax.core.Tracer) and bool(stray.any()):
+            paths = [p for p, _ in _stray_flags(state.masks, params)]
+            raise _position_error([p for p, b in zip(paths, np.asarray(stray), strict=True) if b])
+        misplaced = misplaced | stray
+    countdown = jnp.maximum(state.countdown - 1, 0).astype(state.countdown.dtype)
+    return state._replace(countdown=countdown, misplaced=misplaced)
+
+
+def _raise_if_misplaced(state: KeepPrunedState) -> None:
+    flags = np.asarray(jax.tree.leaves(state.misplaced)[0])
+    if not flags.any():
+        return
+    paths = [p for p, m in leaves_with_paths(_pure(state.masks)) if m is not True]
+    raise _position_error([p for p, f in zip(paths, flags, strict=True) if f])
 
 
 def keep_pruned(
@@ -254,10 +270,12 @@ def keep_pruned(
     stay exactly ``+0.0`` wherever ``keep_pruned`` is. Only the ``-w`` of a pruned weight that is
     not zero yet needs ``keep_pruned`` to be outermost; elsewhere a later scale would shrink it
     to ``(1 - lr) * w``. So when masks change, zero the newly pruned weights with
-    :func:`jaxprune.apply_masks` (:func:`jaxprune.prune_and_retrain` does it for you). If a pruned weight is still non-zero one
-    update after its ``-w``, ``update`` raises an error naming the leaf instead of training a
-    model that is not the pruned one (under ``jax.jit`` the error comes through a host callback,
-    as a ``JaxRuntimeError`` carrying the message).
+    :func:`jaxprune.apply_masks` (:func:`jaxprune.prune_and_retrain` does it for you). If a
+    pruned weight is still non-zero one update after its ``-w``, the mistake is never silent:
+    an eager ``update`` raises at once, and under ``jax.jit`` the state records it and
+    :func:`update_masks` (the next round), :func:`raise_if_misplaced` and
+    :func:`jaxprune.prune_and_retrain` raise an error naming the leaf. (A host callback raising
+    inside the step would cost a round trip to the host every step.)
 
     Args:
       inner: the optimizer to wrap, e.g. ``optax.sgd(lr, momentum=0.9)`` or ``optax.adamw(lr)``.
@@ -292,7 +310,9 @@ def keep_pruned(
 
     def init_fn(params: optax.Params) -> KeepPrunedState:
         check_like(_pure(params), masks, name="masks")
-        return KeepPrunedState(masks, inner.init(params), jnp.zeros((), bool))
+        n = len(_stray_flags(masks, _pure(params)))
+        countdown = jnp.asarray(2, jnp.int32)
+        return KeepPrunedState(masks, inner.init(params), countdown, jnp.zeros(n, bool))
 
     def update_fn(
         updates: optax.Updates,
@@ -302,14 +322,12 @@ def keep_pruned(
     ) -> tuple[optax.Updates, KeepPrunedState]:
         grads = _prune_grads(updates, state.masks, params, weight_decay)
         updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        state = state._replace(inner_state=inner_state)
         if params is None:
             updates = _map_masked(_hold_pruned, updates, state.masks)
-            corrected = jnp.zeros((), bool)
-        else:
-            updates = _map_masked(_hold_pruned, updates, state.masks, _pure(params))
-            flags = _stray_flags(state.masks, _pure(params))
-            corrected = _check_position(state.corrected, flags)
-        return updates, KeepPrunedState(state.masks, inner_state, corrected)
+            return updates, state
+        updates = _map_masked(_hold_pruned, updates, state.masks, _pure(params))
+        return updates, _check_position(state, _pure(params))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -332,12 +350,12 @@ def _regrown(old: PyTree, new: PyTree) -> list[tuple[str, int]]:
 
 
 def _placed_like(new: Any, old: Any) -> Any:
-    # Same dtype, placement and commitment as the old mask, so a jitted step sees an identical
+    # Same dtype, placement and commitment as the old leaf, so a jitted step sees an identical
     # signature: jit keys its cache on whether an argument is committed to a device, so a
     # committed mask in a state that tx.init left uncommitted would compile the step again.
     if not is_array(new):
         return new
-    new = jnp.asarray(new, dtype=bool)
+    new = jnp.asarray(new, dtype=old.dtype if is_array(old) else bool)
     if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
         if old.committed:
             new = jax.device_put(new, old.sharding)
@@ -362,11 +380,31 @@ def _swap_masks(state: Any, new_masks: PyTree, allow_regrow: bool) -> Any:
     flat_old, treedef = jax.tree.flatten(old)
     placed = [_placed_like(n, o) for n, o in zip(jax.tree.leaves(new), flat_old, strict=True)]
     state = state._replace(masks=jax.tree.unflatten(treedef, placed))
-    if isinstance(state, KeepPrunedState):  # the check is about weights of the current masks
-        (flag,), flag_def = jax.tree.flatten(state.corrected)  # keeps NNX's Variable wrapper
-        reset = _placed_like(np.zeros((), bool), flag)
-        state = state._replace(corrected=jax.tree.unflatten(flag_def, [reset]))
+    if isinstance(state, KeepPrunedState):  # the flags are about the weights of the old masks
+        state = state._replace(
+            countdown=_reset(state.countdown, 2), misplaced=_reset(state.misplaced, False)
+        )
     return state
+
+
+def _reset(leaf: Any, value: Any) -> Any:
+    (old,), treedef = jax.tree.flatten(leaf)  # keeps NNX's Variable wrapper
+    new = _placed_like(np.full(old.shape, value, old.dtype), old)
+    return jax.tree.unflatten(treedef, [new])
+
+
+def raise_if_misplaced(opt_state: optax.OptState) -> None:
+    """Raises if a :class:`KeepPrunedState` in ``opt_state`` saw a rescaled ``-w`` correction.
+
+    :func:`update_masks` runs this check itself; call it after the last round of your own loop
+    (:func:`jaxprune.prune_and_retrain` does after every round).
+
+    Raises:
+      ValueError: naming the leaves whose newly pruned weights stayed non-zero.
+    """
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, KeepPrunedState)):
+        if isinstance(node, KeepPrunedState):
+            _raise_if_misplaced(node)
 
 
 def update_masks(
@@ -413,6 +451,10 @@ def update_masks(
         nonlocal found
         if isinstance(node, _MASKED_STATES):
             found += 1
+            if isinstance(node, KeepPrunedState) and not isinstance(
+                jax.tree.leaves(node.misplaced)[0], jax.core.Tracer
+            ):
+                _raise_if_misplaced(node)
             return _swap_masks(node, new_masks, allow_regrow)
         return node
 

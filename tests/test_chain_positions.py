@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxprune import apply_masks, keep_pruned, prune_gradients, update_masks
+from jaxprune import apply_masks, keep_pruned, prune_gradients, raise_if_misplaced, update_masks
 from jaxprune._tree import leaves_with_paths
 
 LR = 0.05
@@ -143,11 +143,19 @@ def test_a_scaled_correction_is_an_error_naming_the_leaf(jit):
 
     step = jax.jit(step) if jit else step
     params, state = step(params, state)
-    state = update_masks(state, _masks(2, 0.5))  # forgot apply_masks: the -w gets scaled
+    new = _masks(2, 0.5)
+    state = update_masks(state, new)  # forgot apply_masks: the -w gets scaled
     params, state = step(params, state)
-    with pytest.raises(Exception, match=r"pruned weights of \['a/kernel', 'b/kernel'\] are still"):
-        params, state = step(params, state)
-        jax.block_until_ready(params)
+    match = r"pruned weights of \['a/kernel', 'b/kernel'\] are still non-zero"
+    if not jit:  # eager: the update itself raises
+        with pytest.raises(ValueError, match=match):
+            step(params, state)
+        return
+    params, state = step(params, state)  # jitted: recorded in the state, raised on the host
+    with pytest.raises(ValueError, match=match):
+        raise_if_misplaced(state)
+    with pytest.raises(ValueError, match=match):
+        update_masks(state, _masks(3, 0.5, previous=new))
 
 
 def test_outermost_keep_pruned_zeroes_newly_pruned_weights_itself():
