@@ -90,7 +90,7 @@ POSITIONS = ["outermost", "before_lr", "after_lr", "before_clip", "after_clip", 
              "multisteps", "inject"]  # fmt: skip
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(
     position=st.sampled_from(POSITIONS),
     core=st.sampled_from(["sgd", "momentum", "adam", "adamw"]),
