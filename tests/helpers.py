@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: counting XLA compilations of a function, by name.
+"""Helpers shared by the tests: a jitted optax step, and counting XLA compilations by name.
 
 JAX reports every backend compilation through ``jax.monitoring`` with the compiled function's
 name; the counter listens for those events, so it sees recompilations that a trace counter misses
@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 
 import jax
+import optax
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiled: list[str] = []
@@ -43,3 +44,14 @@ class Compiles:
 def count_compiles() -> Iterator[Compiles]:
     """``with count_compiles() as c: ...`` then ``c.of('step')``: compilations inside the block."""
     yield Compiles()
+
+
+def optax_step(tx):
+    """A jitted ``optax_step(params, opt_state, grads) -> (params, opt_state)`` for ``tx``."""
+
+    @jax.jit
+    def optax_step(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return optax_step

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import optax_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,15 +64,6 @@ def _build(position, core, wrap):
     }[position]()
 
 
-def _step(tx):
-    @jax.jit
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return step
-
-
 def _zero_pruned_state(state, masks):
     # The reference optimizer has no keep_pruned: forget what it had for the newly pruned weights,
     # so it computes the survivors' sub-problem (momentum of a pruned weight affects nothing else).
@@ -106,7 +98,7 @@ def test_pruned_weights_stay_plus_zero_wherever_keep_pruned_sits(
     first = _masks(seed + 1, 1.0 if warmup else density)
     tx = _build(position, _core(core), lambda inner: keep_pruned(inner, first))
     ref = _build(position, _core(core), lambda inner: optax.chain(prune_gradients(first), inner))
-    step, ref_step = _step(tx), _step(ref)
+    step, ref_step = optax_step(tx), optax_step(ref)
     p, s = apply_masks(params, first), tx.init(params)
     rp, rs = p, ref.init(params)
     rng = np.random.default_rng(seed + 2)
@@ -162,7 +154,7 @@ def test_outermost_keep_pruned_zeroes_newly_pruned_weights_itself():
     params = _params(0)
     masks = _masks(1, 1.0)
     tx = keep_pruned(optax.chain(optax.trace(0.9), optax.scale_by_learning_rate(LR)), masks)
-    step = _step(tx)
+    step = optax_step(tx)
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     params, state = step(params, state, grads)
