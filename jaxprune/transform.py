@@ -190,11 +190,12 @@ def _hold_pruned(u: jax.Array, m: Any, p: Any = None) -> jax.Array:
 
 
 def _stray_flags(masks: PyTree, params: PyTree) -> list[tuple[str, Any]]:
-    """``(path, any pruned weight != 0)`` for each masked floating-point leaf."""
+    """``(path, any pruned weight != 0)`` for each array mask (False for non-float leaves)."""
     flags = []
     for (path, m), p in zip(leaves_with_paths(masks), jax.tree.leaves(params), strict=True):
-        if m is not True and _is_float_array(p):
-            flags.append((path, jnp.any(~m & (p != 0))))
+        if m is not True:
+            stray = jnp.any(~m & (p != 0)) if _is_float_array(p) else jnp.zeros((), bool)
+            flags.append((path, stray))
     return flags
 
 

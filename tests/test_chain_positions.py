@@ -164,3 +164,18 @@ def test_outermost_keep_pruned_zeroes_newly_pruned_weights_itself():
         params, state = step(params, state, grads)
     for (path, m), w in zip(leaves_with_paths(new), jax.tree.leaves(params), strict=True):
         assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0), path
+
+
+def test_integer_leaves_do_not_confuse_the_check():
+    params = {"a": {"kernel": jnp.ones((3, 4))}, "count": jnp.zeros((2,), jnp.int32)}
+    masks = {"a": {"kernel": jnp.ones((3, 4), bool)}, "count": jnp.ones((2,), bool)}
+    tx = optax.chain(keep_pruned(optax.identity(), masks), optax.scale_by_learning_rate(LR))
+    step = optax_step(tx)
+    state = tx.init(params)
+    grads = {"a": {"kernel": jnp.ones((3, 4))}, "count": jnp.zeros((2,), jnp.int32)}
+    new = {"a": {"kernel": jnp.zeros((3, 4), bool)}, "count": jnp.ones((2,), bool)}
+    state = update_masks(state, new)  # forgot apply_masks
+    for _ in range(2):
+        params, state = step(params, state, grads)
+    with pytest.raises(ValueError, match=r"pruned weights of \['a/kernel'\] are still"):
+        raise_if_misplaced(state)
