@@ -352,6 +352,17 @@ def _nnx_runner(
                 f"shape {want.get(path)}; export nnx.state(model, nnx.Param) of this model."
             )
     modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model)}
+    training = [
+        f"{path or '<root>'} ({type(m).__name__})"
+        for path, m in modules.items()
+        if getattr(m, "deterministic", None) is False
+        or getattr(m, "use_running_average", None) is False
+    ]
+    if training:
+        raise ValueError(
+            f"the NNX model is in train mode: {training[:5]} would drop units or use batch "
+            "statistics at inference. Call model.eval() before sparse_apply."
+        )
     hooks = {}
     for module_path, names in owned.items():
         hook = _hook_name(modules.get(module_path), names)
@@ -607,7 +618,8 @@ def sparse_apply(
 
     Raises:
       TypeError: if ``model`` is neither a Linen nor an NNX module, or ``formats`` has a bad type.
-      ValueError: if ``formats`` names an unknown format or kernel, an NNX model does not match
+      ValueError: if an NNX model is in train mode (Dropout or BatchNorm; call
+        ``model.eval()``), if ``formats`` names an unknown format or kernel, an NNX model does not match
         ``exported``, or a pruned weight sits in a layer the sparse path cannot run (for Linen, at
         the first call).
 

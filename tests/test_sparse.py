@@ -10,6 +10,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.sparse import BCOO
+from zoo import NNXCNN
 
 import jaxprune
 from jaxprune import _kernels
@@ -403,3 +404,15 @@ def test_auto_rule_keeps_convolutions_dense():
     assert _kernels.choose(0.05, 64, (576, 64)) == "bcsr"
     assert apply.plan(x)["Conv_0/kernel"] == "dense"
     _assert_close(apply(x), model.apply({"params": _masked(params, masks)}, x))
+
+
+def test_nnx_model_in_train_mode_is_refused():
+    model = NNXCNN(nnx.Rngs(0))  # Dropout and BatchNorm
+    state = nnx.state(model, nnx.Param)
+    exported = to_bcoo(state, _random_masks(state))
+    model.train()
+    with pytest.raises(ValueError, match=r"in train mode: \['bn1 \(BatchNorm\)'.*model.eval\(\)"):
+        sparse_apply(model, exported)
+    model.eval()
+    out = sparse_apply(model, exported)(jnp.ones((2, 8, 8, 1)))
+    assert out.shape == (2, 10)
