@@ -83,6 +83,11 @@ def is_float_array(leaf: Any) -> bool:
     return is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
+def _check_strings(values: tuple, *, name: str) -> None:
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"{name} needs one or more non-empty strings, got {values!r}.")
+
+
 def weights_named(*names: str) -> Where:
     """A prunability rule: floating-point arrays whose last path key is one of ``names``.
 
@@ -91,8 +96,7 @@ def weights_named(*names: str) -> Where:
     >>> kernels('Embed_0/embedding', np.ones((5, 2))), kernels('Dense_0/kernel', np.ones((2, 2)))
     (False, True)
     """
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"weights_named needs one or more non-empty names, got {names!r}.")
+    _check_strings(names, name="weights_named")
     chosen = frozenset(names)
 
     def where(path: str, leaf: Any) -> bool:
@@ -134,8 +138,7 @@ def paths_matching(*patterns: str) -> Where:
     >>> rule('w1', np.ones((2, 2))), rule('b1', np.ones(2)), rule('layers/0/kernel', np.ones((2, 2)))
     (True, False, True)
     """
-    if not patterns or not all(isinstance(p, str) and p for p in patterns):
-        raise ValueError(f"paths_matching needs one or more patterns, got {patterns!r}.")
+    _check_strings(patterns, name="paths_matching")
 
     def where(path: str, leaf: Any) -> bool:
         return is_float_array(leaf) and any(path_matches(path, p) for p in patterns)
@@ -154,8 +157,7 @@ def excluding(*patterns: str, where: Where | None = None) -> Where:
     >>> rule('head/kernel', np.ones((2, 2))), rule('fc1/kernel', np.ones((2, 2)))
     (False, True)
     """
-    if not patterns or not all(isinstance(p, str) and p for p in patterns):
-        raise ValueError(f"excluding needs one or more patterns, got {patterns!r}.")
+    _check_strings(patterns, name="excluding")
     base = default_where if where is None else where
 
     def rule(path: str, leaf: Any) -> bool:
