@@ -6,10 +6,11 @@ The interchange format is a pytree in which every pruned kernel is a
 
 Inference (:func:`sparse_apply`) runs the model's own Flax code and replaces only the product of
 each pruned ``Dense``/``Linear`` or ``Conv`` layer, through the hook Flax exposes for it
-(``dot_general`` / ``conv_general_dilated``). A convolution runs as patches times the kernel
-reshaped to the 2-D matrix ``(kh * kw * cin, cout)``. For each layer and input shape, the weights
-are held in the layout (dense, BCOO, BCSR or a row-padded gather layout, see
-:mod:`jaxprune._kernels`) expected to be fastest; dense whenever in doubt.
+(``dot_general`` / ``conv_general_dilated``; the hooks live in :mod:`jaxprune._hooks`). A
+convolution runs as patches times the kernel reshaped to the 2-D matrix ``(kh * kw * cin, cout)``.
+For each layer and input shape, the weights are held in the layout (dense, BCOO, BCSR or a
+row-padded gather layout, see :mod:`jaxprune._kernels`) expected to be fastest; dense whenever in
+doubt.
 """
 
 from __future__ import annotations
@@ -27,18 +28,10 @@ from flax import nnx
 from jax.experimental.sparse import BCOO
 
 from jaxprune import _kernels
+from jaxprune._hooks import Call, bcoo_paths, is_bcoo, linen_runner, nnx_runner, split_path
 from jaxprune._tree import PyTree, Where, check_like, default_where, is_array, path_str
 
 FormatSpec = str | Mapping[str, str]
-
-
-def _is_bcoo(leaf: Any) -> bool:
-    return isinstance(leaf, BCOO)
-
-
-def _bcoo_paths(tree: PyTree) -> list[tuple[str, Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_bcoo)
-    return [(path_str(p), leaf) for p, leaf in flat]
 
 
 def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyTree:
@@ -135,7 +128,7 @@ def to_dense(exported: PyTree) -> PyTree:
     """
 
     def one(keypath: tuple, leaf: Any) -> Any:
-        if not _is_bcoo(leaf):
+        if not is_bcoo(leaf):
             return leaf
         if leaf.n_batch or leaf.n_dense:
             raise ValueError(
@@ -147,7 +140,7 @@ def to_dense(exported: PyTree) -> PyTree:
         dense[tuple(np.asarray(leaf.indices).T)] = np.asarray(leaf.data)
         return jnp.asarray(dense)
 
-    return jax.tree_util.tree_map_with_path(one, exported, is_leaf=_is_bcoo)
+    return jax.tree_util.tree_map_with_path(one, exported, is_leaf=is_bcoo)
 
 
 class _Layer(NamedTuple):
@@ -171,213 +164,6 @@ def _layer_of(kernel: BCOO) -> _Layer:
     indices = np.asarray(kernel.indices)
     rows = np.ravel_multi_index(tuple(indices[:, :-1].T), kernel.shape[:-1])
     return _Layer(tuple(kernel.shape), rows, indices[:, -1], np.asarray(kernel.data))
-
-
-class _Call(NamedTuple):
-    """What a layer's product was called with, as seen while tracing the model."""
-
-    rows: int  # rows of the 2-D product (batch x spatial positions for a convolution)
-    run: Callable[[str, Any, jax.Array], jax.Array]  # run(format, layout, lhs)
-    lhs: jax.ShapeDtypeStruct
-
-
-def _check_linear_dims(module_path: str, lhs: jax.Array, rhs: jax.Array, dims: Any) -> None:
-    (lc, rc), (lb, rb) = dims
-    if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
-        raise ValueError(
-            f"layer {module_path!r} calls dot_general with dimension numbers {dims}; the sparse "
-            "path runs only x @ kernel over the last axis of x (flax Dense / nnx.Linear)."
-        )
-
-
-def _linear_hook(module_path: str, step: Callable) -> Callable:
-    """A ``dot_general`` stand-in that ignores the placeholder kernel and calls ``step``."""
-
-    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
-        del precision
-        _check_linear_dims(module_path, lhs, rhs, dimension_numbers)
-
-        def run(fmt: str, layout: Any, x: jax.Array) -> jax.Array:
-            flat = x.reshape(-1, x.shape[-1]).astype(jnp.result_type(lhs, rhs))
-            return _kernels.matmul(fmt, layout, flat).reshape(*x.shape[:-1], -1)
-
-        rows = int(np.prod(lhs.shape[:-1]))
-        out = step(_Call(rows, run, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype)), lhs)
-        return out if preferred_element_type is None else out.astype(preferred_element_type)
-
-    return dot_general
-
-
-def _channel_last_dims(ndim: int) -> jax.lax.ConvDimensionNumbers:
-    spatial = tuple(range(1, ndim - 1))
-    return jax.lax.ConvDimensionNumbers(
-        lhs_spec=(0, ndim - 1, *spatial),
-        rhs_spec=(ndim - 1, ndim - 2, *range(ndim - 2)),
-        out_spec=(0, ndim - 1, *spatial),
-    )
-
-
-def _conv_hook(module_path: str, step: Callable) -> Callable:
-    """A ``conv_general_dilated`` stand-in: patches times the sparse kernel matrix."""
-
-    def conv(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation=None,
-        rhs_dilation=None,
-        dimension_numbers=None,
-        feature_group_count=1,
-        batch_group_count=1,
-        precision=None,
-        preferred_element_type=None,
-        **_,
-    ):
-        del precision
-        n_sp = lhs.ndim - 2
-        dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        if (
-            feature_group_count != 1
-            or batch_group_count != 1
-            or dims != _channel_last_dims(lhs.ndim)
-        ):
-            raise ValueError(
-                f"layer {module_path!r} is a grouped or non-channel-last convolution "
-                f"(feature_group_count={feature_group_count}, dimension numbers {dims}); the "
-                "sparse path runs only ungrouped channel-last convolutions."
-            )
-        lhs_dilation = tuple(lhs_dilation or (1,) * n_sp)
-        rhs_dilation = tuple(rhs_dilation or (1,) * n_sp)
-        strides = tuple(window_strides)
-        kernel_shape = tuple(rhs.shape)
-
-        def run(fmt: str, layout: Any, x: jax.Array) -> jax.Array:
-            x = x.astype(jnp.result_type(lhs, rhs))
-            if fmt == "dense":  # XLA's own convolution beats any patches route for dense weights
-                kernel = layout["w"].reshape(kernel_shape).astype(x.dtype)
-                return jax.lax.conv_general_dilated(
-                    x, kernel, strides, padding, lhs_dilation, rhs_dilation, dims
-                )
-            patches = _kernels.im2col(
-                x, kernel_shape[:-2], strides, padding, lhs_dilation, rhs_dilation
-            )
-            flat = patches.reshape(-1, patches.shape[-1])
-            return _kernels.matmul(fmt, layout, flat).reshape(*patches.shape[:-1], -1)
-
-        out_shape = jax.eval_shape(
-            lambda a, b: jax.lax.conv_general_dilated(
-                a, b, strides, padding, lhs_dilation, rhs_dilation, dims
-            ),
-            lhs,
-            rhs,
-        ).shape
-        rows = int(np.prod(out_shape[:-1]))
-        out = step(_Call(rows, run, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype)), lhs)
-        return out if preferred_element_type is None else out.astype(preferred_element_type)
-
-    return conv
-
-
-def _unsupported(module_path: str, module: Any, names: set[str]) -> ValueError:
-    return ValueError(
-        f"layer {module_path or '<root>'!r} ({type(module).__name__}) holds pruned weights "
-        f"{sorted(names)} but the sparse path runs only the kernels of flax Dense/nnx.Linear and "
-        "Conv layers (without a `mask` field). Export it dense: pass to_bcoo a `where` that "
-        "excludes it."
-    )
-
-
-def _hook_name(module: Any, names: set[str]) -> str | None:
-    """Which Flax hook runs this module's pruned kernel, or None when none can."""
-    if names != {"kernel"}:
-        return None
-    if isinstance(module, (nn.Dense, nnx.Linear)):
-        return "dot_general"
-    if isinstance(module, (nn.Conv, nnx.Conv)) and getattr(module, "mask", None) is None:
-        return "conv_general_dilated"
-    return None
-
-
-def _make_hook(hook: str, module_path: str, step: Callable) -> Callable:
-    return (_linear_hook if hook == "dot_general" else _conv_hook)(module_path, step)
-
-
-def _split_path(path: str) -> tuple[str, str]:
-    head, _, name = path.rpartition("/")
-    return head, name
-
-
-def _linen_runner(
-    model: nn.Module, exported: PyTree, owned: dict[str, set[str]], variables, apply_kwargs
-) -> tuple[PyTree, Callable]:
-    """The variables to pass, and ``run(variables, step_for, x)`` applying ``model`` with hooks."""
-
-    def run(tree: PyTree, step_for: Callable, x: jax.Array) -> jax.Array:
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            module_path = "/".join(module.path)
-            if module_path not in owned:
-                return next_fun(*args, **kwargs)
-            hook = _hook_name(module, owned[module_path])
-            if hook is None or context.method_name != "__call__":
-                raise _unsupported(module_path, module, owned[module_path])
-            # The bound module is apply's private clone: swapping its hook leaves `model` alone.
-            saved = {hook: getattr(module, hook), f"{hook}_cls": getattr(module, f"{hook}_cls")}
-            object.__setattr__(module, hook, _make_hook(hook, module_path, step_for(module_path)))
-            object.__setattr__(module, f"{hook}_cls", None)
-            try:
-                return next_fun(*args, **kwargs)
-            finally:
-                for name, value in saved.items():
-                    object.__setattr__(module, name, value)
-
-        with nn.intercept_methods(interceptor):
-            return model.apply(tree, x, **apply_kwargs)
-
-    return {**variables, "params": exported}, run
-
-
-def _nnx_runner(
-    model: nnx.Module, exported: PyTree, owned: dict[str, set[str]], apply_kwargs
-) -> tuple[PyTree, Callable]:
-    """The states to pass, and ``run(states, step_for, x)`` calling a hooked copy of ``model``."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    want = {p: tuple(np.shape(v)) for p, v in _bcoo_paths(params)}
-    got = {p: tuple(v.shape) for p, v in _bcoo_paths(exported)}
-    for path in sorted(set(want) | set(got)):
-        if want.get(path) != got.get(path):
-            raise ValueError(
-                f"exported[{path!r}] has shape {got.get(path)} but the model's param there has "
-                f"shape {want.get(path)}; export nnx.state(model, nnx.Param) of this model."
-            )
-    modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model)}
-    training = [
-        f"{path or '<root>'} ({type(m).__name__})"
-        for path, m in modules.items()
-        if getattr(m, "deterministic", None) is False
-        or getattr(m, "use_running_average", None) is False
-    ]
-    if training:
-        raise ValueError(
-            f"the NNX model is in train mode: {training[:5]} would drop units or use batch "
-            "statistics at inference. Call model.eval() before sparse_apply."
-        )
-    hooks = {}
-    for module_path, names in owned.items():
-        hook = _hook_name(modules.get(module_path), names)
-        if hook is None:
-            raise _unsupported(module_path, modules.get(module_path), names)
-        hooks[module_path] = hook
-
-    def run(states: PyTree, step_for: Callable, x: jax.Array) -> jax.Array:
-        merged = nnx.merge(graphdef, *states)
-        found = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(merged)}
-        for module_path, hook in hooks.items():
-            setattr(found[module_path], hook, _make_hook(hook, module_path, step_for(module_path)))
-        return merged(x, **apply_kwargs)
-
-    return (exported, rest), run
 
 
 def _format_for(formats: FormatSpec, path: str) -> str | None:
@@ -438,10 +224,10 @@ class SparseApply:
         self._kernels = kernels
         self._formats = formats
         # Flatten once: NNX states and BCOO flatten in Python, which would cost every call.
-        leaves, self._treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_bcoo)
-        self._leaves = [None if _is_bcoo(leaf) else leaf for leaf in leaves]
+        leaves, self._treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_bcoo)
+        self._leaves = [None if is_bcoo(leaf) else leaf for leaf in leaves]
         self._zeros = [
-            jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if _is_bcoo(leaf) else None
+            jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if is_bcoo(leaf) else None
             for leaf in leaves
         ]
         self._layouts: dict[tuple[str, str], Any] = {}
@@ -466,14 +252,14 @@ class SparseApply:
 
         return self._runner(self._tree(leaves), step_for, x)
 
-    def _calls(self, x: jax.ShapeDtypeStruct) -> dict[str, _Call]:
+    def _calls(self, x: jax.ShapeDtypeStruct) -> dict[str, Call]:
         """Traces the model abstractly, recording each pruned layer's product."""
-        calls: dict[str, _Call] = {}
+        calls: dict[str, Call] = {}
 
         def step_for(module_path: str) -> Callable:
             path = f"{module_path}/kernel" if module_path else "kernel"
 
-            def step(call: _Call, lhs: jax.Array) -> jax.Array:
+            def step(call: Call, lhs: jax.Array) -> jax.Array:
                 calls[path] = call
                 dense = jnp.zeros(self._kernels[path].matrix_shape, lhs.dtype)
                 return call.run("dense", {"w": dense}, lhs)
@@ -492,7 +278,7 @@ class SparseApply:
             )
         return self._layouts[key]
 
-    def _calibrated(self, path: str, call: _Call) -> str:
+    def _calibrated(self, path: str, call: Call) -> str:
         """The format measured fastest for one layer; a sparse one must beat dense by 10%."""
         lhs = jax.random.normal(jax.random.key(0), call.lhs.shape, call.lhs.dtype)
         times = {}
@@ -634,19 +420,19 @@ def sparse_apply(
     >>> bool(np.allclose(apply(x), dense, rtol=1e-5, atol=1e-6)), apply.plan(x)
     (True, {'kernel': 'dense'})
     """
-    kernels = {path: _layer_of(leaf) for path, leaf in _bcoo_paths(exported) if _is_bcoo(leaf)}
+    kernels = {path: _layer_of(leaf) for path, leaf in bcoo_paths(exported) if is_bcoo(leaf)}
     _check_formats(formats, kernels)
     owned: dict[str, set[str]] = {}
     for path in kernels:
-        module_path, name = _split_path(path)
+        module_path, name = split_path(path)
         owned.setdefault(module_path, set()).add(name)
     apply_kwargs = dict(apply_kwargs or {})
     if isinstance(model, nn.Module):
-        tree, runner = _linen_runner(model, exported, owned, dict(variables or {}), apply_kwargs)
+        tree, runner = linen_runner(model, exported, owned, dict(variables or {}), apply_kwargs)
     elif isinstance(model, nnx.Module):
         if variables:
             raise ValueError("variables= is for Linen models; an NNX model carries its own state.")
-        tree, runner = _nnx_runner(model, exported, owned, apply_kwargs)
+        tree, runner = nnx_runner(model, exported, owned, apply_kwargs)
     else:
         raise TypeError(
             f"model must be a flax.linen Module or a flax.nnx Module, got {type(model).__name__}."
