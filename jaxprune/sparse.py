@@ -37,11 +37,13 @@ FormatSpec = str | Mapping[str, str]
 def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyTree:
     """Exports pruned params as a pytree whose pruned kernels are ``BCOO`` matrices.
 
-    Every leaf selected by ``where`` (default :func:`jaxprune.default_where`) becomes a
-    ``BCOO`` of the leaf's own shape and dtype with ``nse`` equal to its kept count, indices sorted
-    and unique, ``n_batch = n_dense = 0``; this holds even for a kernel whose mask is all ``True``,
-    so the exported tree always says which kernels are sparse. Pruned entries are dropped whatever
-    their value; a kept weight equal to 0 is kept. Every other leaf is returned as it is.
+    Every leaf selected by ``where`` (default :func:`jaxprune.default_where`) whose mask prunes at
+    least one entry becomes a ``BCOO`` of the leaf's own shape and dtype with ``nse`` equal to its
+    kept count, indices sorted and unique, ``n_batch = n_dense = 0``. Pruned entries are dropped
+    whatever their value; a kept weight equal to 0 is kept. A selected leaf whose mask is all
+    ``True`` holds no pruned connection and stays the dense array it is, so a partly pruned model
+    exports (and runs under :func:`sparse_apply`) with its unpruned layers dense. Every other leaf
+    is returned as it is.
 
     A Conv kernel keeps its ``(kh, kw, cin, cout)`` shape, so the tree describes itself and
     :func:`to_dense` is exact; the convolution it runs is ``patches @ kernel.reshape(-1, cout)``
@@ -54,8 +56,8 @@ def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyT
         were made with.
 
     Returns:
-      A pytree with the structure of ``params``; its leaves are ``BCOO`` objects and the
-      unselected leaves of ``params``.
+      A pytree with the structure of ``params``; its pruned leaves are ``BCOO`` objects, the
+      others the leaves of ``params``.
 
     Raises:
       ValueError: if ``masks`` does not match ``params``, or a leaf not selected by ``where`` has
@@ -70,6 +72,9 @@ def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyT
     >>> k = to_bcoo(params, masks)['Dense_0']['kernel']
     >>> k.nse, k.indices.tolist(), k.data.tolist()
     (3, [[0, 0], [1, 0], [1, 1]], [1.0, 2.0, 0.0])
+    >>> masks['Dense_0']['kernel'][0, 1] = True  # nothing pruned: the kernel stays dense
+    >>> type(to_bcoo(params, masks)['Dense_0']['kernel']).__name__
+    'ndarray'
     """
     check_like(params, masks, name="masks")
     where = default_where if where is None else where
@@ -93,6 +98,8 @@ def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyT
             got = f"dtype {mask.dtype}" if is_array(mask) else f"type {type(mask).__name__}"
             raise TypeError(f"masks[{path!r}] must be a boolean array, got {got}.")
         mask = np.asarray(mask)
+        if mask.all():
+            return leaf
         indices = np.argwhere(mask).astype(np.int32)
         data = np.asarray(leaf)[mask]
         return BCOO(

@@ -80,6 +80,12 @@ def _assert_close(got, want):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def _flat(tree):
+    """``{path: leaf}`` with BCOO kept whole."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda v: isinstance(v, BCOO))
+    return {jaxprune._tree.path_str(p): leaf for p, leaf in flat}
+
+
 def _bits(x):
     x = np.asarray(x)
     return x.view(np.dtype(f"u{x.dtype.itemsize}"))
@@ -102,9 +108,12 @@ def test_round_trip_is_bit_exact(data, shape, dtype):
 
     exported = to_bcoo(params, masks)
     kernel = exported["layer"]["kernel"]
-    assert isinstance(kernel, BCOO)
-    assert (kernel.nse, kernel.n_batch, kernel.n_dense) == (mask.sum(), 0, 0)
-    assert kernel.shape == shape and kernel.dtype == dtype
+    if mask.all():  # nothing pruned: exported as it is
+        assert kernel is values
+    else:
+        assert isinstance(kernel, BCOO)
+        assert (kernel.nse, kernel.n_batch, kernel.n_dense) == (mask.sum(), 0, 0)
+        assert kernel.shape == shape and kernel.dtype == dtype
     assert exported["layer"]["bias"] is params["layer"]["bias"]
     back = to_dense(exported)
     expected = _masked(params, masks)
@@ -115,16 +124,28 @@ def test_round_trip_is_bit_exact(data, shape, dtype):
     assert values.flat[0] == 0 and np.signbit(values.flat[0])  # input untouched
 
 
-def test_round_trip_nnx_state_and_all_kept_kernel_is_still_bcoo():
-    state = nnx.state(_nnx(lambda rngs: NnxNet(conv=True, rngs=rngs)), nnx.Param)
-    masks = jax.tree.map(lambda v: np.ones(v.shape, bool), state)
+def test_unpruned_kernels_stay_dense_and_the_tree_saves_and_runs(tmp_path):
+    model = _nnx(lambda rngs: NnxNet(conv=True, rngs=rngs))
+    state = nnx.state(model, nnx.Param)
+    masks = jax.tree_util.tree_map_with_path(  # layers/1 keeps everything
+        lambda p, m: m | ("1" in jaxprune._tree.path_str(p)), _random_masks(state)
+    )
     exported = to_bcoo(state, masks)
-    kernels = [leaf for leaf in jax.tree.leaves(exported, is_leaf=lambda v: isinstance(v, BCOO))]
-    bcoos = [k for k in kernels if isinstance(k, BCOO)]
-    assert len(bcoos) == 3 and all(k.nse == k.size for k in bcoos)  # consistency: all exported
-    back = to_dense(exported)
-    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+    kernels = {p: k for p, k in _flat(exported).items() if p.endswith("kernel")}
+    assert {p for p, k in kernels.items() if isinstance(k, BCOO)} == {
+        "conv/kernel",
+        "layers/0/kernel",
+    }
+    assert not isinstance(kernels["layers/1/kernel"], BCOO)
+    jaxprune.save(tmp_path / "m.jaxprune", exported)
+    back = to_dense(jaxprune.load(tmp_path / "m.jaxprune"))
+    for got, want in zip(
+        jax.tree.leaves(back), jax.tree.leaves(_masked(state, masks)), strict=True
+    ):
         np.testing.assert_array_equal(_bits(got), _bits(want))
+    x = jax.random.normal(jax.random.key(2), (3, 7, 7, 1))
+    reference = nnx.merge(nnx.graphdef(model), _masked(state, masks))
+    _assert_close(sparse_apply(model, exported, formats="bcsr")(x), reference(x))
 
 
 def test_to_bcoo_rejects_masks_of_another_shape():
