@@ -198,13 +198,16 @@ def init_params(config: Config, data: Dataset) -> PyTree:
 
 
 def make_loss(config: Config) -> Callable:
-    """``loss(params, (x, y), rng, rates)``: softmax cross-entropy with dropout ``rates``."""
+    """``loss(params, (x, y), rng, dropout_rates=None)``: softmax cross-entropy.
+
+    ``dropout_rates`` maps dropout layers to rates; ``None`` keeps the model's own.
+    """
     models: dict[tuple, nn.Module] = {}
 
-    def loss(params, batch, rng, rates):
-        key = tuple(sorted(rates.items()))
+    def loss(params, batch, rng, dropout_rates=None):
+        key = tuple(sorted((dropout_rates or {}).items()))
         if key not in models:
-            models[key] = build_model(config, dict(rates) if rates else None)
+            models[key] = build_model(config, dict(dropout_rates) if dropout_rates else None)
         x, y = batch
         logits = models[key].apply({"params": params}, x, train=True, rngs={"dropout": rng})
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -261,7 +264,7 @@ def train_dense(
     )
     loss = make_loss(config)
     rates = {b: r for b, (r, _) in dropout_layers(config).items()}
-    step = make_retrain_step(lambda p, b, rng: loss(p, b, rng, rates), tx)
+    step = make_retrain_step(functools.partial(loss, dropout_rates=rates), tx)
     state = retrain_state(params, tx, rng=jax.random.key(config.seed + 1))
     it = epoch_batches(config, data, offset=0)
     for epoch in range(config.epochs):
@@ -394,6 +397,8 @@ class Checkpoints:
             "masks": state.masks,
             "opt": jax.tree.leaves(state.opt_state),
         }
+        if state.model_state is not None:
+            tree["model_state"] = state.model_state
         save(self.dir / f"round-{k}.jaxprune", tree, compress=False)
         write_json(self.dir / f"round-{k}.json", [record_dict(r) for r in state.history])
 
@@ -416,7 +421,8 @@ class Checkpoints:
         records = tuple(RoundRecord(**r) for r in history)
         masks = jax.tree.map(jnp.asarray, tree["masks"])
         params = jax.tree.map(jnp.asarray, tree["params"])
-        return RoundsState(k, params, masks, opt_state, records)
+        model_state = jax.tree.map(jnp.asarray, tree.get("model_state"))
+        return RoundsState(k, params, masks, opt_state, records, model_state)
 
 
 # --- export and timing ------------------------------------------------------------------------
@@ -552,7 +558,7 @@ def structured(config: Config, data: Dataset, dense: PyTree, fraction: float) ->
     )
     loss = make_loss(config)
     rates = {b: r for b, (r, _) in dropout_layers(config).items()}
-    step = make_retrain_step(lambda p, b, rng: loss(p, b, rng, rates), tx)
+    step = make_retrain_step(functools.partial(loss, dropout_rates=rates), tx)
     state = retrain_state(pruned, tx, rng=jax.random.key(config.seed + 3))
     it = epoch_batches(config, data, offset=config.epochs + config.rounds * config.retrain_epochs)
     for epoch in range(config.retrain_epochs):

@@ -13,6 +13,8 @@ far less than the round's retraining. Masks, params, optimizer state and the RNG
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -23,11 +25,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxprune import batch_stats
 from jaxprune._tree import (
     WEIGHT_NAMES,
     PyTree,
     Stacked,
     Where,
+    check_state_like,
     is_array,
     last_key,
     leaves_with_paths,
@@ -43,16 +47,22 @@ Schedule = Any
 
 
 class RetrainState(NamedTuple):
-    """What the retrain step carries: params, optimizer state, base RNG key and step count."""
+    """What the retrain step carries: params, optimizer state, base RNG key, step count and the
+    model's non-param state (``None`` for a model without one)."""
 
     params: PyTree
     opt_state: optax.OptState
     rng: jax.Array
     step: jax.Array
+    model_state: PyTree = None
 
 
 def retrain_state(
-    params: PyTree, tx: optax.GradientTransformation, *, rng: jax.Array
+    params: PyTree,
+    tx: optax.GradientTransformation,
+    *,
+    rng: jax.Array,
+    model_state: PyTree = None,
 ) -> RetrainState:
     """Builds the initial :class:`RetrainState` for :func:`make_retrain_step`.
 
@@ -60,16 +70,49 @@ def retrain_state(
       params: the parameters to retrain (usually after :func:`jaxprune.masks.apply_masks`).
       tx: the optimizer, e.g. ``keep_pruned(optax.sgd(lr, momentum=0.9), masks)``.
       rng: a JAX PRNG key; step ``i`` uses ``jax.random.fold_in(rng, i)`` (dropout).
+      model_state: the model's state that is not trained by gradients but changes as it runs:
+        Linen's other collections (``{'batch_stats': ...}``, whatever ``mutable=`` returns) or
+        the third value of :func:`nnx_loss`. With it, the step calls
+        ``loss_fn(params, batch, rng, model_state)`` and keeps the state that returns.
 
     Returns:
       A :class:`RetrainState` at step 0.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> s = retrain_state({'w': jnp.ones(2)}, optax.sgd(0.1), rng=jax.random.key(0))
-    >>> int(s.step)
-    0
+    >>> int(s.step), s.model_state is None
+    (0, True)
     """
-    return RetrainState(params, tx.init(params), rng, jnp.zeros((), jnp.int32))
+    return RetrainState(params, tx.init(params), rng, jnp.zeros((), jnp.int32), model_state)
+
+
+def _split_result(result: Any, model_state: PyTree, has_aux: bool) -> tuple[Any, tuple]:
+    """``loss_fn``'s result with a model state, as ``(loss, (new_model_state, aux))``."""
+    expected = "(loss, (new_model_state, aux))" if has_aux else "(loss, new_model_state)"
+    if not (isinstance(result, tuple) and len(result) == 2):
+        got = (
+            f"a tuple of {len(result)}"
+            if isinstance(result, tuple)
+            else "one array"
+            if hasattr(result, "shape")
+            else type(result).__name__
+        )
+        raise ValueError(
+            f"loss_fn(params, batch, rng, model_state) returned {got}; with a model_state the "
+            f"step expects {expected}."
+        )
+    loss, rest = result
+    if has_aux:
+        if not (isinstance(rest, tuple) and len(rest) == 2):
+            raise ValueError(
+                "with has_aux and a model_state, loss_fn must return "
+                f"(loss, (new_model_state, aux)); its second value is {type(rest).__name__}."
+            )
+        new_state, aux = rest
+    else:
+        new_state, aux = rest, {}
+    check_state_like(model_state, new_state)
+    return loss, (new_state, aux)
 
 
 def make_retrain_step(
@@ -83,6 +126,11 @@ def make_retrain_step(
     the compiled step. Inputs sharded with ``jax.sharding`` are followed: a batch split over a
     ``Mesh`` axis gives data-parallel retraining with the gradient reduction inserted by XLA.
 
+    When the state holds a ``model_state`` (BatchNorm statistics and the like, see
+    :func:`retrain_state`), the step calls ``loss_fn(params, batch, rng, model_state)``, which
+    returns ``(loss, new_model_state)`` (``(loss, (new_model_state, aux))`` with ``has_aux``),
+    and stores the new state; gradients flow only to the params.
+
     Args:
       loss_fn: ``loss_fn(params, batch, rng) -> loss`` (a scalar), or ``-> (loss, aux)`` with
         ``has_aux``, where ``aux`` is a dict of scalar metrics. ``rng`` is a fresh key per step.
@@ -92,6 +140,10 @@ def make_retrain_step(
     Returns:
       The jitted step; ``metrics`` holds ``'loss'`` and the entries of ``aux``. The input state is
       not donated or modified.
+
+    Raises:
+      ValueError: (at the first call) if, with a model state, ``loss_fn`` returns another shape
+        of result, or a new state whose leaves, shapes or dtypes differ from the old one.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> loss = lambda p, batch, rng: jnp.mean((batch @ p['w']) ** 2)
@@ -104,74 +156,153 @@ def make_retrain_step(
 
     def step(state: RetrainState, batch: Batch) -> tuple[RetrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(state.params, batch, rng)
-        loss, aux = out if has_aux else (out, {})
+        if state.model_state is None:
+            out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(state.params, batch, rng)
+            (loss, aux), model_state = (out if has_aux else (out, {})), None
+        else:
+
+            def with_state(params: PyTree) -> tuple[Any, tuple]:
+                result = loss_fn(params, batch, rng, state.model_state)
+                return _split_result(result, state.model_state, has_aux)
+
+            (loss, (model_state, aux)), grads = jax.value_and_grad(with_state, has_aux=True)(
+                state.params
+            )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = RetrainState(params, opt_state, state.rng, state.step + 1)
+        new = RetrainState(params, opt_state, state.rng, state.step + 1, model_state)
         return new, {"loss": loss, **aux}
 
     return jax.jit(step)
 
 
-def _dropout_modules(model: nnx.Module) -> dict[str, nnx.Dropout]:
-    return {
-        "/".join(str(k) for k in path): node
-        for path, node in nnx.iter_graph(model)
-        if isinstance(node, nnx.Dropout)
-    }
+def _graph_nodes(model: nnx.Module, kind: type) -> list[tuple[str, Any]]:
+    """The nodes of one kind in ``model``'s graph, by path, in path order."""
+    return sorted(
+        (
+            ("/".join(str(k) for k in path), node)
+            for path, node in nnx.iter_graph(model)
+            if isinstance(node, kind)
+        ),
+        key=lambda item: item[0],
+    )
+
+
+def _reseed(model: nnx.Module, rng: jax.Array) -> None:
+    """Gives every RNG stream of ``model`` (a copy made inside the trace) keys derived from ``rng``.
+
+    Each stream gets its own key, split to the stream's key shape (a stream of ``nnx.vmap``-stacked
+    layers holds one key per layer), and its count restarts at 0; a Dropout that holds no stream
+    gets one. So every module that draws randomness (Dropout anywhere, attention dropout, a custom
+    ``nnx.Rngs`` user) sees fresh keys each step, and the model's own RNG state is left alone.
+    """
+    streams = _graph_nodes(model, nnx.RngStream)
+    for i, (_, stream) in enumerate(streams):
+        key = jax.random.fold_in(rng, i)
+        shape = stream.key.shape
+        stream.key.set_value(key if shape == () else jax.random.split(key, shape))
+        stream.count.set_value(jnp.zeros_like(stream.count.get_value()))
+    bare = [m for _, m in _graph_nodes(model, nnx.Dropout) if m.rngs is None]
+    for j, module in enumerate(bare):
+        module.rngs = nnx.Rngs(dropout=jax.random.fold_in(rng, len(streams) + j)).dropout
+
+
+def _state_of(model: nnx.Module) -> nnx.State:
+    """The state that is neither Param nor RNG: BatchNorm statistics, caches, custom Variables."""
+    return nnx.split(model, nnx.Param, nnx.RngState, ...)[3]
 
 
 def nnx_loss(
     model: nnx.Module, loss_fn: Callable[[nnx.Module, Batch], Any]
-) -> tuple[LossFn, nnx.State]:
+) -> tuple[LossFn, nnx.State, nnx.State | None]:
     """Turns an NNX model and ``loss_fn(model, batch)`` into a pure loss of the params.
 
-    The model is split into ``nnx.Param`` state and the rest; the returned
-    ``loss(params, batch, rng, dropout_rates=None)`` merges a copy inside the trace, gives each
-    ``nnx.Dropout`` a fresh RNG stream from ``rng`` (so dropout masks change every step without
-    mutating the model's own RNG state) and, if ``dropout_rates`` maps a Dropout's path (e.g.
-    ``'drop1'`` or ``'layers/2'``) to a rate, sets that rate on the copy. Other non-Param state
-    (e.g. BatchNorm statistics) is held fixed, so use such models in eval mode for those layers.
-    Write the retrained params back with ``nnx.update(model, params)``.
+    The model is split into its ``nnx.Param`` state, its RNG state and the rest (the model
+    state: ``nnx.BatchStat`` statistics, caches, custom Variables). The returned
+    ``loss(params, batch, rng, model_state=None, *, dropout_rates=None)`` merges a copy inside
+    the trace and runs ``loss_fn`` on it:
+
+    - every RNG stream of the copy is reseeded from ``rng`` (one key per stream), so Dropout,
+      attention dropout and any module drawing from ``nnx.Rngs`` get fresh randomness each step,
+      also inside ``nnx.scan`` / ``nnx.vmap``-stacked layers; the model's own RNG state is left
+      alone;
+    - with ``model_state`` (pass the third returned value to
+      :func:`jaxprune.retrain.retrain_state`), the copy runs with that state and ``loss`` returns
+      ``(loss, new_model_state)`` (``(loss, (new_model_state, aux))`` when ``loss_fn`` returns
+      ``(loss, aux)``), so train-mode BatchNorm keeps its updated statistics;
+    - without it, the model state is the model's own, held fixed; a loss that changes it (a
+      BatchNorm in train mode) raises an error rather than dropping the update;
+    - ``dropout_rates`` maps a Dropout's path (e.g. ``'drop1'`` or ``'layers/2'``) to the rate
+      to set on the copy (Han's rule, see :func:`dropout_rate`).
+
+    Write the retrained params and state back with ``nnx.update(model, params, model_state)``.
 
     Args:
-      model: an NNX module, in train mode (``model.train()``) if dropout should be active.
+      model: an NNX module, in train mode (``model.train()``) if dropout and batch statistics
+        should be active.
       loss_fn: ``loss_fn(model, batch) -> loss`` or ``-> (loss, aux)``.
 
     Returns:
-      ``(loss, params)``: the pure loss and ``nnx.state(model, nnx.Param)``.
+      ``(loss, params, model_state)``: the pure loss, ``nnx.state(model, nnx.Param)``, and the
+      model state (``None`` when the model has none).
 
     Raises:
-      ValueError: (from ``loss``) if ``dropout_rates`` names a path that is no ``nnx.Dropout``.
+      ValueError: (from ``loss``) if ``dropout_rates`` names a path that is no ``nnx.Dropout``,
+        if the model state changes while no ``model_state`` was given, or if ``model_state``
+        does not match the model's.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
-    >>> loss, params = nnx_loss(model, lambda m, x: jnp.sum(m(x)))
-    >>> bool(loss(params, jnp.ones((1, 2)), jax.random.key(0)) == jnp.sum(model(jnp.ones((1, 2)))))
-    True
+    >>> loss, params, state = nnx_loss(model, lambda m, x: jnp.sum(m(x)))
+    >>> bool(loss(params, jnp.ones((1, 2)), jax.random.key(0)) == jnp.sum(model(jnp.ones((1, 2))))), state
+    (True, None)
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
 
     def loss(
-        params: nnx.State, batch: Batch, rng: jax.Array, dropout_rates: Mapping | None = None
+        params: nnx.State,
+        batch: Batch,
+        rng: jax.Array,
+        model_state: nnx.State | None = None,
+        *,
+        dropout_rates: Mapping | None = None,
     ) -> Any:
-        copy = nnx.merge(graphdef, params, rest)
-        modules = _dropout_modules(copy)
+        if model_state is not None:
+            check_state_like(rest, model_state)
+        copy = nnx.merge(
+            graphdef, params, rngs, rest if model_state is None else model_state, copy=True
+        )
+        modules = dict(_graph_nodes(copy, nnx.Dropout))
         unknown = sorted(set(dropout_rates or {}) - set(modules))
         if unknown:
             raise ValueError(
                 f"dropout_rates names {unknown}, which are not nnx.Dropout modules of the model; "
                 f"its Dropout paths are {sorted(modules)}."
             )
-        for i, (path, module) in enumerate(sorted(modules.items())):
-            module.rngs = nnx.Rngs(dropout=jax.random.fold_in(rng, i)).dropout
-            if dropout_rates and path in dropout_rates:
-                module.rate = dropout_rates[path]
-        return loss_fn(copy, batch)
+        for path, rate in (dropout_rates or {}).items():
+            modules[path].rate = rate
+        if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng = jax.random.wrap_key_data(rng)
+        _reseed(copy, rng)
+        before = dict(leaves_with_paths(_state_of(copy)))
+        result = loss_fn(copy, batch)
+        after = _state_of(copy)
+        if model_state is not None:
+            if isinstance(result, tuple):
+                return result[0], (after, result[1])
+            return result, after
+        changed = [p for p, leaf in leaves_with_paths(after) if before.get(p) is not leaf]
+        if changed:
+            raise ValueError(
+                f"the model changed its state {changed[:5]} while the loss ran (a BatchNorm in "
+                "train mode), but no model_state was given, so the update would be lost. Pass "
+                "model_state= (the third value nnx_loss returns) to retrain_state, or call "
+                "model.eval() on the layers whose statistics should stay fixed."
+            )
+        return result
 
-    return loss, params
+    return loss, params, (rest if jax.tree.leaves(rest) else None)
 
 
 def dropout_rate(rate: float, connections_before: int, connections_after: int) -> float:
@@ -296,6 +427,7 @@ class RoundsState(NamedTuple):
     masks: PyTree
     opt_state: optax.OptState
     history: tuple[RoundRecord, ...]
+    model_state: PyTree = None
 
 
 def _schedule_value(schedule: Schedule, r: int, rounds: int, *, name: str) -> Any:
@@ -344,6 +476,8 @@ def prune_and_retrain(
     seed: int | jax.Array = 0,
     where: Where | None = None,
     stacked: Stacked | None = None,
+    model_state: PyTree = None,
+    reestimate: int = 0,
     resume: RoundsState | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> Iterator[RoundsState]:
@@ -358,15 +492,20 @@ def prune_and_retrain(
     :func:`jaxprune.transform.update_masks`, so the step compiles once per distinct set of
     dropout rates, not once per round; carried momentum cannot regrow pruned weights.
 
+    The loss is the one :func:`make_retrain_step` takes, ``loss_fn(params, batch, rng)``, or
+    with a ``model_state`` (BatchNorm statistics) ``loss_fn(params, batch, rng, model_state) ->
+    (loss, new_model_state)``; the state is carried through the rounds and returned. With
+    ``dropout``, the loss also gets the round's rates as a keyword, ``dropout_rates=``.
+
     Everything random is derived from ``seed`` and the round number, and epoch ``e`` of round ``r``
     reads ``batches(r * epochs + e)``, so resuming from a yielded state reproduces an
     uninterrupted run (given a deterministic ``batches``).
 
     Args:
       params: trained dense (or already pruned) params: a Linen params dict or an NNX Param state.
-      loss_fn: ``loss_fn(params, batch, rng, dropout_rates) -> loss``; ``dropout_rates`` is a dict
-        of Python floats keyed like ``dropout`` (empty without it), to build the Linen module or
-        set the NNX rates (the loss from :func:`nnx_loss` takes it as is).
+      loss_fn: the loss, as above. ``dropout_rates`` is a dict of Python floats keyed like
+        ``dropout``, to build the Linen module or set the NNX rates (the loss from
+        :func:`nnx_loss` takes it as is).
       batches: ``batches(epoch) -> iterable of batches``; the driver loads no data itself.
       evaluate: ``evaluate(params) -> metric`` (e.g. test accuracy), called after each round.
       rounds: the number of prune -> retrain rounds.
@@ -387,37 +526,48 @@ def prune_and_retrain(
       where: the prunability rule passed to the mask functions.
       stacked: ``{pattern: axis}`` for scan-stacked layers, passed to the mask functions and the
         summary: each slice is a layer for the std, the sparsity target and ``kept``.
+      model_state: the model's non-param state (e.g. ``{'batch_stats': ...}`` or the third value
+        of :func:`nnx_loss`), updated by the loss while retraining.
+      reestimate: after each prune, recompute ``model_state``'s running statistics from this
+        many batches of the round's first epoch (:func:`jaxprune.reestimate_batch_stats`),
+        since pruning shifts them; 0 (default) keeps them. Needs ``model_state``.
       resume: a state yielded by an earlier call with the same arguments; rounds before
         ``resume.round`` are skipped.
       on_epoch: ``on_epoch(round, epoch, mean_train_loss)`` after each epoch (progress bars).
 
     Yields:
-      A :class:`RoundsState` after each round: ``round`` is the number of rounds done, and
-      ``history`` holds one :class:`RoundRecord` per round so far (q or sparsity, kept fraction per
+      A :class:`RoundsState` after each round: ``round`` is the number of rounds done,
+      ``model_state`` the retrained model state, and ``history`` holds one :class:`RoundRecord` per round so far (q or sparsity, kept fraction per
       prunable leaf and in total, mean train loss, metric, learning rate and dropout rates).
 
     Raises:
       ValueError: on both or neither of ``q``/``sparsity``, a schedule of the wrong length,
         ``rounds`` or ``epochs`` below 1, a negative ``weight_decay``, a ``dropout`` kernel path
-        that is not in the masks, or an epoch without batches.
+        that is not in the masks, an epoch without batches, or ``reestimate`` without a
+        ``model_state``.
 
     >>> import jax, jax.numpy as jnp
     >>> params = {'kernel': jax.random.normal(jax.random.key(0), (4, 3))}
     >>> x = jax.random.normal(jax.random.key(1), (8, 4))
-    >>> loss = lambda p, b, rng, rates: jnp.mean((b @ p['kernel'] - 1.0) ** 2)
+    >>> loss = lambda p, b, rng: jnp.mean((b @ p['kernel'] - 1.0) ** 2)
     >>> runs = prune_and_retrain(params, loss, lambda e: [x] * 5, lambda p: 0.0, rounds=2,
     ...                          learning_rate=0.1, sparsity=[0.5, 0.75])
     >>> [h.kept_total for h in list(runs)[-1].history]
     [0.5, 0.25]
     """
     _check_driver_args(q, sparsity, rounds, epochs)
+    if reestimate and model_state is None:
+        raise ValueError(
+            f"reestimate={reestimate} needs the statistics to re-estimate: pass model_state=."
+        )
     dropout = dict(dropout or {})
     lr = float(learning_rate) * float(lr_scale)
-    start = resume if resume is not None else RoundsState(0, params, None, None, ())
+    start = resume or RoundsState(0, params, None, None, (), model_state)
     params, masks, opt_state, history = start.params, start.masks, start.opt_state, start.history
+    model_state = start.model_state
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     tx = None
-    steps: dict[tuple, Callable] = {}
+    steps: dict[tuple, tuple[Callable, Callable | None]] = {}
     for r in range(start.round, rounds):
         q_r = _schedule_value(q, r, rounds, name="q")
         s_r = _schedule_value(sparsity, r, rounds, name="sparsity")
@@ -434,22 +584,31 @@ def prune_and_retrain(
         rates = retrain_dropout_rates(dropout, masks)
         rates_key = tuple(sorted(rates.items()))
         if rates_key not in steps:
-            steps[rates_key] = make_retrain_step(
-                lambda p, b, rng, rates=rates: loss_fn(p, b, rng, rates), tx
+            loss_r = functools.partial(loss_fn, dropout_rates=rates) if dropout else loss_fn
+            stats = (
+                batch_stats.probe(lambda s, b, p, k, f=loss_r: f(p, b, k, s)[1])
+                if reestimate
+                else None
             )
-        state = RetrainState(params, opt_state, jax.random.fold_in(key, r), jnp.int32(0))
+            steps[rates_key] = (make_retrain_step(loss_r, tx), stats)
+        step, stats = steps[rates_key]
+        rng = jax.random.fold_in(key, r)
+        if stats is not None:
+            first = itertools.islice(batches(r * epochs), reestimate)
+            model_state = batch_stats.running_average(stats, model_state, first, params, rng)
+        state = RetrainState(params, opt_state, rng, jnp.int32(0), model_state)
         total_loss, total_steps = jnp.zeros(()), 0
         for e in range(epochs):
             epoch_loss, n = jnp.zeros(()), 0
             for batch in batches(r * epochs + e):
-                state, metrics = steps[rates_key](state, batch)
+                state, metrics = step(state, batch)
                 epoch_loss, n = epoch_loss + metrics["loss"], n + 1
             if n == 0:
                 raise ValueError(f"batches({r * epochs + e}) yielded no batch.")
             total_loss, total_steps = total_loss + epoch_loss, total_steps + n
             if on_epoch is not None:
                 on_epoch(r, e, float(epoch_loss) / n)
-        params, opt_state = state.params, state.opt_state
+        params, opt_state, model_state = state.params, state.opt_state, state.model_state
         raise_if_misplaced(opt_state)
         summary = summarize(params, masks, where=where, stacked=stacked)
         record = RoundRecord(
@@ -464,4 +623,4 @@ def prune_and_retrain(
             dropout_rates=rates,
         )
         history = (*history, record)
-        yield RoundsState(r + 1, params, masks, opt_state, history)
+        yield RoundsState(r + 1, params, masks, opt_state, history, model_state)

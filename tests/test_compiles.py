@@ -59,7 +59,7 @@ def test_prune_and_retrain_compiles_the_step_once():
     with count_compiles() as compiles:
         rounds = jaxprune.prune_and_retrain(
             _params(),
-            lambda p, b, rng, rates: _loss(p, b, rng),
+            _loss,
             lambda epoch: [(X, Y)] * 2,
             lambda p: 0.0,
             rounds=4,

@@ -97,7 +97,7 @@ def _linen_setup(module):
 
 def _nnx_setup(model):
     x, y = _task()
-    loss, params = nnx_loss(model, lambda m, batch: _xent(m(batch[0]), batch[1]))
+    loss, params, _ = nnx_loss(model, lambda m, batch: _xent(m(batch[0]), batch[1]))
     return params, loss, (x, y)
 
 
@@ -179,15 +179,15 @@ def test_step_uses_a_fresh_dropout_key_each_step():
 def test_nnx_loss_sets_dropout_rate_on_a_copy_only():
     model = NnxMLP(nnx.Rngs(_key(0)))
     x, y = _task(n=16)
-    loss, params = nnx_loss(model, lambda m, b: m(b[0]))
-    no_drop = loss(params, (x, y), _key(0), {"drop": 0.0})
+    loss, params, _ = nnx_loss(model, lambda m, b: m(b[0]))
+    no_drop = loss(params, (x, y), _key(0), dropout_rates={"drop": 0.0})
     model.eval()
     np.testing.assert_allclose(no_drop, model(x), rtol=1e-6)
-    dropped = loss(params, (x, y), _key(0), {"drop": 0.9})
+    dropped = loss(params, (x, y), _key(0), dropout_rates={"drop": 0.9})
     assert not np.allclose(dropped, no_drop)
     assert model.drop.rate == 0.2  # the user's model is unchanged
     with pytest.raises(ValueError, match=r"names \['fc9'\], which are not nnx.Dropout"):
-        loss(params, (x, y), _key(0), {"fc9": 0.1})
+        loss(params, (x, y), _key(0), dropout_rates={"fc9": 0.1})
 
 
 # --- Han's dropout rule ------------------------------------------------------------------------
@@ -241,8 +241,8 @@ def _driver_args(model_kind="linen"):
     if model_kind == "linen":
         params = LinenMLP().init(_key(1), x[:1], train=False)["params"]
 
-        def loss(p, batch, rng, rates):
-            module = LinenMLP(rate=rates["drop"])  # a new module with the rescaled rate
+        def loss(p, batch, rng, dropout_rates):
+            module = LinenMLP(rate=dropout_rates["drop"])  # a new module with the rescaled rate
             logits = module.apply({"params": p}, batch[0], train=True, rngs={"dropout": rng})
             return _xent(logits, batch[1])
 
@@ -256,7 +256,7 @@ def _driver_args(model_kind="linen"):
         dropout = {"drop": (0.5, "Dense_0/kernel")}
     else:
         model = NnxMLP(nnx.Rngs(_key(1)))
-        loss, params = nnx_loss(model, lambda m, batch: _xent(m(batch[0]), batch[1]))
+        loss, params, _ = nnx_loss(model, lambda m, batch: _xent(m(batch[0]), batch[1]))
 
         def accuracy(p):
             nnx.update(model, p)
@@ -318,8 +318,8 @@ def test_driver_resume_reproduces_the_uninterrupted_run():
     params, loss, batches, accuracy, _ = _driver_args("linen")
     kwargs = dict(rounds=2, sparsity=[0.5, 0.8], learning_rate=0.5, seed=_key(7))
 
-    def loss_fn(p, b, rng, rates):
-        return loss(p, b, rng, {"drop": 0.3, **rates})  # no dropout schedule: one compilation
+    def loss_fn(p, b, rng):
+        return loss(p, b, rng, {"drop": 0.3})  # no dropout schedule: one compilation
 
     full = list(prune_and_retrain(params, loss_fn, batches, accuracy, **kwargs))[-1]
     first = next(iter(prune_and_retrain(params, loss_fn, batches, accuracy, **kwargs)))

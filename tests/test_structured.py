@@ -414,8 +414,8 @@ def test_structured_masks_compose_with_the_round_driver():
     x = jax.random.uniform(jax.random.key(3), (16, 8, 8, 1))
     y = jax.random.randint(jax.random.key(4), (16,), 0, 10)
 
-    def loss(p, batch, rng, rates):
-        del rng, rates
+    def loss(p, batch, rng):
+        del rng
         logits = model.apply({"params": p}, batch[0])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 

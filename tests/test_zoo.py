@@ -179,7 +179,8 @@ def test_prune_and_retrain_keeps_every_slice_at_its_target():
     params = {"layers": {"Dense_0": {"kernel": kernel, "bias": jnp.zeros((3, 5))}}}
     x = jax.random.normal(jax.random.key(1), (16, 6))
 
-    def loss(p, batch, rng, rates):
+    def loss(p, batch, rng):
+        del rng
         layer = p["layers"]["Dense_0"]
         out = jnp.einsum("bi,lio->blo", batch, layer["kernel"]) + layer["bias"]
         return jnp.mean((out - 1.0) ** 2)
