@@ -28,8 +28,18 @@ from flax import nnx
 from jax.experimental.sparse import BCOO
 
 from jaxprune import _kernels
-from jaxprune._hooks import Call, bcoo_paths, is_bcoo, linen_runner, nnx_runner, split_path
-from jaxprune._tree import PyTree, Where, check_like, default_where, is_array, path_str
+from jaxprune._hooks import Kernels, bcoo_paths, is_bcoo, linen_runner, nnx_runner
+from jaxprune._products import Call
+from jaxprune._tree import (
+    PyTree,
+    Stacked,
+    Where,
+    check_like,
+    default_where,
+    is_array,
+    path_str,
+    stacked_axes,
+)
 
 FormatSpec = str | Mapping[str, str]
 
@@ -150,27 +160,10 @@ def to_dense(exported: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(one, exported, is_leaf=is_bcoo)
 
 
-class _Layer(NamedTuple):
-    """A pruned kernel as the 2-D matrix its layer multiplies, with its kept entries."""
-
-    shape: tuple[int, ...]  # the kernel's own shape
-    rows: np.ndarray
-    cols: np.ndarray
-    vals: np.ndarray
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return (int(np.prod(self.shape[:-1])), self.shape[-1])
-
-    @property
-    def density(self) -> float:
-        return self.vals.size / max(int(np.prod(self.shape)), 1)
-
-
-def _layer_of(kernel: BCOO) -> _Layer:
-    indices = np.asarray(kernel.indices)
-    rows = np.ravel_multi_index(tuple(indices[:, :-1].T), kernel.shape[:-1])
-    return _Layer(tuple(kernel.shape), rows, indices[:, -1], np.asarray(kernel.data))
+def _entries_of(kernel: BCOO) -> _kernels.Entries:
+    return _kernels.Entries(
+        tuple(kernel.shape), np.asarray(kernel.indices), np.asarray(kernel.data)
+    )
 
 
 def _format_for(formats: FormatSpec, path: str) -> str | None:
@@ -180,7 +173,7 @@ def _format_for(formats: FormatSpec, path: str) -> str | None:
     return formats.get(path)
 
 
-def _check_formats(formats: Any, kernels: Mapping[str, _Layer]) -> None:
+def _check_formats(formats: Any, kernels: Mapping[str, _kernels.Entries]) -> None:
     choices = ("auto", "calibrate", *_kernels.FORMATS)
     if isinstance(formats, str):
         if formats not in choices:
@@ -213,22 +206,37 @@ def _median_time(fn: Callable, *args: Any, repeats: int = 7) -> float:
 class _Prepared(NamedTuple):
     """What one input shape runs with: its plan, its compiled pass and that pass's layouts."""
 
-    plan: dict[str, str]
+    plan: dict[tuple[str, str], str]  # (path, use) -> format
     layouts: list  # flat leaves of the layouts the plan uses
     fn: Callable
+    keys: frozenset  # the layout cache keys it uses
+
+
+def _labels(uses: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Plan keys: the kernel path, or ``'path (use)'`` for a kernel with several uses."""
+    paths = [path for path, _ in uses]
+    return {(p, u): p if paths.count(p) == 1 else f"{p} ({u})" for p, u in uses}
 
 
 class SparseApply:
     """A jit-compiled forward pass of a pruned Flax model; built by :func:`sparse_apply`.
 
     Call it as ``apply(x)``. The first call for a new input shape and dtype traces the model once
-    to see each pruned layer's product, picks a layout per layer, builds the layouts it lacks and
-    compiles; later calls with that shape reuse the executable.
+    to see each pruned layer's product, picks a layout per product, builds the layouts it lacks
+    and compiles; later calls with that shape reuse the executable.
     """
 
-    def __init__(self, tree: PyTree, runner: Callable, kernels: dict[str, _Layer], formats):
+    def __init__(
+        self,
+        tree: PyTree,
+        runner: Callable,
+        kernels: dict[str, _kernels.Entries],
+        stacked: frozenset[str],
+        formats: FormatSpec,
+    ):
         self._runner = runner
         self._kernels = kernels
+        self._stacked = stacked
         self._formats = formats
         # Flatten once: NNX states and BCOO flatten in Python, which would cost every call.
         leaves, self._treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_bcoo)
@@ -237,7 +245,7 @@ class SparseApply:
             jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if is_bcoo(leaf) else None
             for leaf in leaves
         ]
-        self._layouts: dict[tuple[str, str], Any] = {}
+        self._layouts: dict[tuple[str, tuple, str], Any] = {}
         self._prepared: dict[tuple, _Prepared] = {}
         self.traces = 0  # how often the forward pass was traced (compiled); for tests
 
@@ -253,78 +261,109 @@ class SparseApply:
         self.traces += 1
         layouts = layout_def.unflatten(layout_leaves)
 
-        def step_for(module_path: str) -> Callable:
-            path = f"{module_path}/kernel" if module_path else "kernel"
-            return lambda call, lhs: call.run(plan[path], layouts[path], lhs)
+        def step_for(path: str) -> Callable:
+            def step(call: Call, lhs: jax.Array, index: Any) -> jax.Array:
+                layout = layouts[(path, call.use)]
+                if index is not None:  # one slice of a scan-stacked kernel
+                    layout = jax.tree.map(lambda a: a[index], layout)
+                return call.run(plan[(path, call.use)], layout, lhs)
+
+            return step
 
         return self._runner(self._tree(leaves), step_for, x)
 
-    def _calls(self, x: jax.ShapeDtypeStruct) -> dict[str, Call]:
-        """Traces the model abstractly, recording each pruned layer's product."""
-        calls: dict[str, Call] = {}
+    def _calls(self, x: jax.ShapeDtypeStruct) -> dict[tuple[str, str], Call]:
+        """Traces the model abstractly, recording each pruned kernel's products by use."""
+        calls: dict[tuple[str, str], Call] = {}
 
-        def step_for(module_path: str) -> Callable:
-            path = f"{module_path}/kernel" if module_path else "kernel"
-
-            def step(call: Call, lhs: jax.Array) -> jax.Array:
-                calls[path] = call
-                dense = jnp.zeros(self._kernels[path].matrix_shape, lhs.dtype)
-                return call.run("dense", {"w": dense}, lhs)
+        def step_for(path: str) -> Callable:
+            def step(call: Call, lhs: jax.Array, index: Any) -> jax.Array:
+                del index
+                key = (path, call.use)
+                if key not in calls or call.rows > calls[key].rows:
+                    calls[key] = call
+                entries = self._kernels[path]
+                shape = (
+                    entries.slices()[0].matrix(call.contract)
+                    if path in self._stacked
+                    else (entries.matrix(call.contract))
+                )
+                return call.run("dense", {"w": jnp.zeros(shape, entries.vals.dtype)}, lhs)
 
             return step
 
         jax.eval_shape(lambda lv, a: self._runner(self._tree(lv), step_for, a), self._leaves, x)
         return calls
 
-    def _layout(self, path: str, fmt: str) -> Any:
-        key = (path, fmt)
+    def _layout(self, call: Call, fmt: str) -> Any:
+        key = _layout_key(call, fmt)
+        contract = key[1]
         if key not in self._layouts:
-            layer = self._kernels[path]
-            self._layouts[key] = _kernels.build(
-                fmt, layer.rows, layer.cols, layer.vals, layer.matrix_shape
-            )
+            entries = self._kernels[call.path]
+            if call.path in self._stacked:
+                parts = [part.view(contract)[:3] for part in entries.slices()]
+                shape = entries.slices()[0].matrix(contract)
+                self._layouts[key] = _kernels.build_stacked(fmt, parts, shape)
+            else:
+                self._layouts[key] = _kernels.build(fmt, *entries.view(contract))
         return self._layouts[key]
 
-    def _calibrated(self, path: str, call: Call) -> str:
-        """The format measured fastest for one layer; a sparse one must beat dense by 10%."""
-        lhs = jax.random.normal(jax.random.key(0), call.lhs.shape, call.lhs.dtype)
+    def _calibrated(self, call: Call) -> str:
+        """The format measured fastest for one product; a sparse one must beat dense by 10%."""
+        entries = self._kernels[call.path]
+        if jnp.issubdtype(call.lhs.dtype, jnp.integer):  # token ids of a lookup
+            lhs = jax.random.randint(jax.random.key(0), call.lhs.shape, 0, entries.shape[-2])
+        else:
+            lhs = jax.random.normal(jax.random.key(0), call.lhs.shape, call.lhs.dtype)
         times = {}
         for fmt in _kernels.FORMATS:
-            if fmt in ("bcoo", "ell") and _temporary_size(fmt, self._kernels[path], call.rows) > (
-                2**26
-            ):
+            if _temporary_size(fmt, entries, call) > 2**26:
                 continue  # the gather temporary would take gigabytes
-            fn = jax.jit(functools.partial(call.run, fmt))
-            times[fmt] = _median_time(fn, self._layout(path, fmt), lhs)
+            layout = self._layout(call, fmt)
+            if call.path in self._stacked:
+                layout = jax.tree.map(lambda a: a[0], layout)
+            times[fmt] = _median_time(jax.jit(functools.partial(call.run, fmt)), layout, lhs)
         best = min(times, key=times.get)
         return best if times[best] < 0.9 * times["dense"] else "dense"
 
-    def _prepare(self, key: tuple) -> _Prepared:
-        calls = self._calls(jax.ShapeDtypeStruct(*key))
-        rule = _kernels.choose_plan(
-            {
-                path: (self._kernels[path].density, call.rows, self._kernels[path].matrix_shape)
-                for path, call in calls.items()
-            }
-        )
+    def _rule(self, calls: dict[tuple[str, str], Call]) -> dict[tuple[str, str], str]:
+        """The automatic choice: ``_kernels.choose_plan`` on each product's 2-D view."""
+        products = {
+            key: (
+                self._kernels[key[0]].density,
+                call.rows,
+                self._kernels[key[0]].matrix(call.contract),
+            )
+            for key, call in calls.items()
+            if call.use not in ("lookup", "conv")
+        }
+        rule = _kernels.choose_plan(products)
         # The rule keeps convolutions dense: XLA's native convolution beat patches times a sparse
         # matrix on LeNet-5 (batch 1: 1.55x slower with conv2 in BCSR). 'calibrate' still tries.
-        rule.update({p: "dense" for p in calls if len(self._kernels[p].shape) > 2})
-        plan = {}
-        for path, call in sorted(calls.items()):
-            forced = _format_for(self._formats, path)
-            if forced is not None:
-                plan[path] = forced
-            elif self._formats == "calibrate":
-                plan[path] = self._calibrated(path, call)
-            else:
-                plan[path] = rule[path]
-        layout_leaves, layout_def = jax.tree_util.tree_flatten(
-            {path: self._layout(path, fmt) for path, fmt in plan.items()}
+        rule.update({key: "dense" for key, call in calls.items() if call.use == "conv"})
+        rule.update(
+            {key: _kernels.LOOKUP_FORMAT for key, call in calls.items() if call.use == "lookup"}
         )
+        return rule
+
+    def _prepare(self, key: tuple) -> _Prepared:
+        calls = self._calls(jax.ShapeDtypeStruct(*key))
+        rule = self._rule(calls)
+        plan = {}
+        for use, call in sorted(calls.items()):
+            forced = _format_for(self._formats, call.path)
+            if forced is not None:
+                plan[use] = forced
+            elif self._formats == "calibrate":
+                plan[use] = self._calibrated(call)
+            else:
+                plan[use] = rule[use]
+        layouts = {use: self._layout(calls[use], fmt) for use, fmt in plan.items()}
+        layout_leaves, layout_def = jax.tree_util.tree_flatten(layouts)
         fn = jax.jit(functools.partial(self._forward, plan, layout_def))
-        self._prepared[key] = _Prepared(plan, layout_leaves, fn)
-        used = {item for prepared in self._prepared.values() for item in prepared.plan.items()}
+        keys = frozenset(_layout_key(calls[use], fmt) for use, fmt in plan.items())
+        self._prepared[key] = _Prepared(plan, layout_leaves, fn, keys)
+        used = set().union(*(prepared.keys for prepared in self._prepared.values()))
         self._layouts = {k: v for k, v in self._layouts.items() if k in used}  # calibration spares
         return self._prepared[key]
 
@@ -341,9 +380,13 @@ class SparseApply:
 
         Returns:
           A dict from kernel path (e.g. ``'Dense_0/kernel'``) to one of ``'dense'``, ``'bcoo'``,
-          ``'bcsr'``, ``'ell'``.
+          ``'bcsr'``, ``'ell'``. A kernel with several uses (an embedding table looked up and
+          attended to as a tied output head) has one entry per use: ``'embed/embedding
+          (lookup)'``, ``'embed/embedding (axes 1)'`` (the kernel axes a product contracts).
         """
-        return dict(self._get(x).plan)
+        plan = self._get(x).plan
+        labels = _labels(list(plan))
+        return {labels[use]: fmt for use, fmt in plan.items()}
 
     def nbytes(self, x: Any) -> int:
         """Bytes of the weight layouts the pruned kernels use for inputs shaped like ``x``."""
@@ -357,12 +400,40 @@ class SparseApply:
         return prepared.fn(self._leaves, prepared.layouts, x)
 
 
-def _temporary_size(fmt: str, layer: _Layer, rows: int) -> int:
+def _layout_key(call: Call, fmt: str) -> tuple[str, tuple[int, ...], str]:
+    """``(path, contracted axes, format)``: the layouts a kernel's products share."""
+    # A lookup's gather layout is the one of the table's transpose: a padded row per token.
+    contract = (1,) if call.use == "lookup" and fmt == "ell" else call.contract
+    return (call.path, contract, fmt)
+
+
+def _temporary_size(fmt: str, entries: _kernels.Entries, call: Call) -> int:
     """Elements of the gather temporary of ``bcoo`` (kept x rows) or ``ell`` (N x width x rows)."""
     if fmt == "bcoo":
-        return layer.vals.size * rows
-    counts = np.bincount(layer.cols, minlength=layer.shape[-1])
-    return layer.shape[-1] * int(counts.max(initial=1)) * rows
+        return entries.vals.size * call.rows
+    if fmt != "ell":
+        return 0
+    _, cols, _, (_, n_out) = entries.view(call.contract)
+    return n_out * int(np.bincount(cols, minlength=n_out).max(initial=1)) * call.rows
+
+
+def _stacked_kernels(exported: PyTree, stacked: Stacked | None) -> frozenset[str]:
+    """The BCOO kernels ``stacked`` names, checked: matched like ``compute_masks``'s, axis 0."""
+    leaves = dict(bcoo_paths(exported))
+    shapes = {
+        path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if is_bcoo(leaf) else leaf
+        for path, leaf in leaves.items()
+    }
+    weights = {p: is_bcoo(v) or default_where(p, v) for p, v in leaves.items()}
+    axes = stacked_axes(shapes, stacked, weights)
+    for path, axis in sorted(axes.items()):
+        if axis != 0 and is_bcoo(leaves[path]):
+            raise ValueError(
+                f"stacked maps exported[{path!r}] to axis {axis}; sparse_apply runs stacked "
+                "kernels along axis 0 only, the axis nn.scan (variable_axes={'params': 0}) and "
+                "nnx.vmap/nnx.scan (in_axes=0) stack layers on."
+            )
+    return frozenset(p for p in axes if is_bcoo(leaves[p]))
 
 
 def sparse_apply(
@@ -370,31 +441,47 @@ def sparse_apply(
     exported: PyTree,
     *,
     formats: FormatSpec = "auto",
+    stacked: Stacked | None = None,
     variables: Mapping[str, Any] | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
 ) -> SparseApply:
     """Builds a jit-compiled forward pass of a pruned Flax model that runs its kernels sparse.
 
-    The model's own code runs; only the product of each pruned ``nn.Dense``/``nnx.Linear`` and
-    ``nn.Conv``/``nnx.Conv`` kernel is replaced, through the ``dot_general`` /
-    ``conv_general_dilated`` hook Flax gives those layers. A convolution becomes patches (ordered
-    ``(kh, kw, cin)``) times the kernel as a ``(kh * kw * cin, cout)`` matrix. Any other layer that
-    holds a pruned (``BCOO``) weight raises an error naming it instead of computing a wrong result.
+    The model's own code runs; only the products of its pruned (``BCOO``) weights are replaced,
+    through the hooks Flax gives its layers (see :mod:`jaxprune._hooks`): ``nn.Dense``/
+    ``nnx.Linear``, ``nn.DenseGeneral``/``nnx.LinearGeneral`` with any contracting axes (the
+    query/key/value and out projections of attention), ``nn.Einsum``/``nnx.Einsum`` whose
+    equation is a matrix product (each letter in input and output, kernel and output, or input
+    and kernel; an ellipsis on the input side), ``nn.Conv``/``nnx.Conv`` (ungrouped,
+    channel-last), and the table of ``nn.Embed``/``nnx.Embed``, looked up or used by ``attend``
+    (a tied output head). Every product runs as ``x2d @ W2d``: the input flattened to ``(rows,
+    contracted)`` times the kernel transposed to ``(contracted axes..., free axes...)`` and
+    reshaped; a convolution's input is its patches, ordered ``(kh, kw, cin)``. Any other layer
+    holding a pruned weight, DenseGeneral ``batch_dims`` and other Einsums raise an error naming
+    it instead of computing a wrong result.
 
-    The layout of each kernel is chosen per input shape, since the batch size is known when the
+    The layout of each product is chosen per input shape, since the batch size is known when the
     pass is traced:
 
     - ``formats='auto'`` (default): a fixed rule measured on CPU (``jaxprune._kernels.choose`` and
-      ``choose_plan``). Up to 12% density: a single row on a layer of at least 2**20 weights uses
-      the row-padded gather layout, up to 256 rows transposed BCSR (below 8 rows only if every
-      kernel of the model is that sparse, else smaller layers stay dense: mixing costs more than
-      it saves there); beyond 256 rows BCSR only up to 3% density. Dense otherwise and for tiny
-      layers. Rows are the batch (times the output positions for a convolution). Convolutions
-      stay dense under this rule (XLA's own convolution was faster at the densities tried).
-    - ``formats='calibrate'``: times every layout on each layer's real shapes at the first call
+      ``choose_plan``, on each product's 2-D view). Up to 12% density: a single row on a layer of
+      at least 2**20 weights uses the row-padded gather layout, up to 256 rows transposed BCSR
+      (below 8 rows only if every kernel of the model is that sparse, else smaller layers stay
+      dense: mixing costs more than it saves there); beyond 256 rows BCSR only up to 3% density.
+      Dense otherwise and for tiny layers. Rows are the batch (times the positions of a sequence
+      or a convolution's output). Convolutions stay dense under this rule (XLA's own convolution
+      was faster at the densities tried), and so do embedding lookups (a dense ``take`` beat the
+      row-padded gather in every case measured; ``jaxprune._kernels.LOOKUP_FORMAT``).
+    - ``formats='calibrate'``: times every layout on each product's real shapes at the first call
       for a shape and keeps the fastest (a sparse one only if at least 10% faster than dense).
     - a format name (``'dense'``, ``'bcoo'``, ``'bcsr'``, ``'ell'``) for every kernel, or a
-      mapping from kernel path to format (unlisted kernels use the rule).
+      mapping from kernel path to format (unlisted kernels use the rule). For a lookup, ``'ell'``
+      gathers the padded rows of the table and ``'bcoo'``/``'bcsr'`` multiply one-hot rows.
+
+    Scan-stacked layers (``nn.scan`` with ``variable_axes={'params': 0}``, or ``nnx.vmap``-built
+    blocks run by ``nnx.scan``) export as ordinary BCOO of the whole ``(layers, ...)`` shape; say
+    which with ``stacked``, as for ``compute_masks``. Each layer's slice gets its own layout (one
+    format for the stack, padded to a common size), picked inside the scan by the slice index.
 
     Args:
       model: a Linen module, or an NNX module (put it in eval mode first if it has dropout or
@@ -402,6 +489,8 @@ def sparse_apply(
       exported: from :func:`to_bcoo`: the Linen ``params`` collection, or
         ``nnx.state(model, nnx.Param)`` for NNX.
       formats: how to choose layouts, as above.
+      stacked: ``{pattern: 0}`` naming the kernels stacked along axis 0 by a scan (a leaf path,
+        a subtree prefix such as ``'layers'``, or a glob).
       variables: Linen only: other collections to pass to ``model.apply`` (e.g. ``batch_stats``).
       apply_kwargs: keyword arguments for the model's ``__call__`` (e.g. ``train=False``).
 
@@ -410,11 +499,13 @@ def sparse_apply(
       layout each kernel uses for that input shape.
 
     Raises:
-      TypeError: if ``model`` is neither a Linen nor an NNX module, or ``formats`` has a bad type.
+      TypeError: if ``model`` is neither a Linen nor an NNX module, or ``formats`` or ``stacked``
+        has a bad type.
       ValueError: if an NNX model is in train mode (Dropout or BatchNorm; call
-        ``model.eval()``), if ``formats`` names an unknown format or kernel, an NNX model does not match
-        ``exported``, or a pruned weight sits in a layer the sparse path cannot run (for Linen, at
-        the first call).
+        ``model.eval()``), if ``formats`` names an unknown format or kernel, ``stacked`` matches
+        nothing or gives an axis other than 0, the model does not match ``exported`` (shapes, or
+        a kernel stacked in the model but not in ``stacked`` or the other way round), or a
+        pruned weight sits in a layer the sparse path cannot run (for Linen, at the first call).
 
     >>> import jax, numpy as np, flax.linen as nn
     >>> from jaxprune.masks import compute_masks
@@ -427,21 +518,20 @@ def sparse_apply(
     >>> bool(np.allclose(apply(x), dense, rtol=1e-5, atol=1e-6)), apply.plan(x)
     (True, {'kernel': 'dense'})
     """
-    kernels = {path: _layer_of(leaf) for path, leaf in bcoo_paths(exported) if is_bcoo(leaf)}
+    kernels = {path: _entries_of(leaf) for path, leaf in bcoo_paths(exported) if is_bcoo(leaf)}
     _check_formats(formats, kernels)
-    owned: dict[str, set[str]] = {}
-    for path in kernels:
-        module_path, name = split_path(path)
-        owned.setdefault(module_path, set()).add(name)
+    stacked_paths = _stacked_kernels(exported, stacked)
+    known = Kernels({p: e.shape for p, e in kernels.items()}, stacked_paths)
     apply_kwargs = dict(apply_kwargs or {})
     if isinstance(model, nn.Module):
-        tree, runner = linen_runner(model, exported, owned, dict(variables or {}), apply_kwargs)
+        tree, runner = linen_runner(model, exported, known, dict(variables or {}), apply_kwargs)
     elif isinstance(model, nnx.Module):
         if variables:
             raise ValueError("variables= is for Linen models; an NNX model carries its own state.")
-        tree, runner = nnx_runner(model, exported, owned, apply_kwargs)
+        dtypes = {p: e.vals.dtype for p, e in kernels.items()}
+        tree, runner = nnx_runner(model, exported, known, dtypes, apply_kwargs)
     else:
         raise TypeError(
             f"model must be a flax.linen Module or a flax.nnx Module, got {type(model).__name__}."
         )
-    return SparseApply(tree, runner, kernels, formats)
+    return SparseApply(tree, runner, kernels, stacked_paths, formats)

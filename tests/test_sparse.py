@@ -309,16 +309,18 @@ def test_unsupported_linen_raw_param_is_named():
 
 
 def test_unsupported_nnx_layer_is_named_eagerly():
-    class WithEinsum(nnx.Module):
+    class WithTranspose(nnx.Module):
         def __init__(self, rngs):
-            self.mix = nnx.Einsum("ab,bc->ac", (4, 3), rngs=rngs)
+            self.up = nnx.ConvTranspose(1, 4, (3, 3), rngs=rngs)
 
         def __call__(self, x):
-            return self.mix(x)
+            return self.up(x)
 
-    model = _nnx(WithEinsum)
+    model = _nnx(WithTranspose)
     state = nnx.state(model, nnx.Param)
-    with pytest.raises(ValueError, match=r"'mix' \(Einsum\) holds pruned weights \['kernel'\]"):
+    with pytest.raises(
+        ValueError, match=r"'up' \(ConvTranspose\) holds pruned weights \['kernel'\]"
+    ):
         sparse_apply(model, to_bcoo(state, _random_masks(state)))
 
 

@@ -32,6 +32,8 @@ class ZooModel:
     inputs: jax.Array  # a small batch of inputs
     weights: frozenset[str]  # the leaves that are weights (kernels and embeddings)
     stacked: dict[str, int] | None = None  # {pattern: axis} for scan-stacked layers
+    module: Any = None  # the Linen module, or the NNX model (in eval mode)
+    variables: Any = None  # Linen: the collections besides params (batch_stats)
 
 
 # ----------------------------------------------------------------------------- CNNs
@@ -194,7 +196,7 @@ def _nnx_entry(name, model, inputs, weights, stacked=None) -> ZooModel:
     def apply(p, x):
         return nnx.merge(graphdef, p, rest)(x)
 
-    return ZooModel(name, params, apply, inputs, frozenset(weights), stacked)
+    return ZooModel(name, params, apply, inputs, frozenset(weights), stacked, model)
 
 
 def _linen_entry(name, module, inputs, weights, stacked=None, **kwargs) -> ZooModel:
@@ -205,7 +207,7 @@ def _linen_entry(name, module, inputs, weights, stacked=None, **kwargs) -> ZooMo
     def apply(p, x):
         return module.apply({"params": p, **rest}, x)
 
-    return ZooModel(name, params, apply, inputs, frozenset(weights), stacked)
+    return ZooModel(name, params, apply, inputs, frozenset(weights), stacked, module, rest)
 
 
 @functools.cache
