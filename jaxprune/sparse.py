@@ -4,13 +4,13 @@ The interchange format is a pytree in which every pruned kernel is a
 ``jax.experimental.sparse.BCOO`` of the kernel's own N-D shape holding exactly the kept weights
 (Han et al. 2015, Sec. 4 store only the surviving connections), and every other leaf is unchanged.
 
-Inference (:func:`sparse_apply`) runs the model's own Flax code and replaces only the product of
-each pruned ``Dense``/``Linear`` or ``Conv`` layer, through the hook Flax exposes for it
-(``dot_general`` / ``conv_general_dilated``; the hooks live in :mod:`jaxprune._hooks`). A
-convolution runs as patches times the kernel reshaped to the 2-D matrix ``(kh * kw * cin, cout)``.
-For each layer and input shape, the weights are held in the layout (dense, BCOO, BCSR or a
-row-padded gather layout, see :mod:`jaxprune._kernels`) expected to be fastest; dense whenever in
-doubt.
+Inference (:func:`sparse_apply`) runs the model's own Flax code and replaces only the products of
+its pruned weights (Dense/DenseGeneral, Einsum, Conv kernels and Embed tables, scan-stacked ones
+included), through the hooks of :mod:`jaxprune._hooks`. Every product runs as ``x2d @ W2d`` on a
+2-D view of the kernel (:mod:`jaxprune._products`); a convolution as its patches times the kernel
+reshaped to ``(kh * kw * cin, cout)``. For each product and input shape, the weights are held in
+the layout (dense, BCOO, BCSR or a row-padded gather layout, see :mod:`jaxprune._kernels`)
+expected to be fastest; dense whenever in doubt (:mod:`jaxprune._apply`).
 """
 
 from __future__ import annotations
