@@ -7,6 +7,7 @@ Masks from parameters (:func:`compute_masks`), retraining that keeps pruned weig
 """
 
 from jaxprune._tree import default_where, excluding, paths_matching, weights_named
+from jaxprune.batch_stats import reestimate_batch_stats
 from jaxprune.masks import (
     LayerSummary,
     Summary,
@@ -71,6 +72,7 @@ __all__ = [
     "prune_and_retrain",
     "prune_gradients",
     "raise_if_misplaced",
+    "reestimate_batch_stats",
     "retrain_dropout_rates",
     "retrain_state",
     "save",

@@ -87,7 +87,9 @@ def running_average(
     return jax.tree.unflatten(treedef, new)
 
 
-def reestimate_batch_stats(update: Update, model_state: PyTree, batches: Iterable[Any]) -> PyTree:
+def reestimate_batch_stats(
+    update: Update, model_state: PyTree, batches: Iterable[Any], *args: Any
+) -> PyTree:
     """Recomputes running statistics (BatchNorm means and variances) from ``batches``.
 
     Each statistic becomes the equal-weight average of its per-batch values over ``batches``
@@ -98,13 +100,15 @@ def reestimate_batch_stats(update: Update, model_state: PyTree, batches: Iterabl
     ``reestimate=``.
 
     Args:
-      update: ``update(model_state, batch) -> new_model_state``: one train-mode forward pass.
-        For Linen: ``lambda s, x: model.apply({'params': params, **s}, x, train=True,
-        mutable=list(s))[1]``; for NNX, with ``loss`` from :func:`jaxprune.nnx_loss`:
-        ``lambda s, b: loss(params, b, rng, s)[1]``. It is jitted (and cached by identity:
-        pass the same function to reuse the compilation).
+      update: ``update(model_state, batch, *args) -> new_model_state``: one train-mode forward
+        pass. For Linen: ``lambda s, x, params: model.apply({'params': params, **s}, x,
+        train=True, mutable=list(s))[1]``; for NNX, with ``loss`` from
+        :func:`jaxprune.nnx_loss`: ``lambda s, b, params: loss(params, b, rng, s)[1]``. It is
+        jitted and cached by identity: pass the same function (and the params through
+        ``args``) to compile it once.
       model_state: the state to re-estimate, e.g. ``{'batch_stats': ...}``; it is not modified.
       batches: the batches to run (10-50 are usually enough).
+      *args: further arguments of ``update``, traced (e.g. the pruned params).
 
     Returns:
       The re-estimated model state, with the structure and dtypes of ``model_state``.
@@ -125,4 +129,4 @@ def reestimate_batch_stats(update: Update, model_state: PyTree, batches: Iterabl
     """
     if not leaves_with_paths(model_state):
         raise ValueError("model_state has no leaves: there are no statistics to re-estimate.")
-    return running_average(probe(update), model_state, batches)
+    return running_average(probe(update), model_state, batches, *args)

@@ -461,17 +461,26 @@ def _sample(fn: Callable, x: Any, calls: int) -> list[float]:
 
 
 def compare_times(
-    first: Callable, second: Callable, image_shape: tuple[int, ...], batch_sizes, samples: int
+    first: Callable,
+    second: Callable,
+    image_shape: tuple[int, ...],
+    batch_sizes,
+    samples: int,
+    *,
+    make_input: Callable[[int], Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per-call times of two forward passes per batch size; ``ratio = second / first``.
 
     The two are sampled alternately, in groups of calls lasting a few milliseconds (so drift on a
     shared machine hits both alike); each call is timed to its result, and the medians of all
-    calls are compared.
+    calls are compared. Inputs are uniform images of ``image_shape``, or ``make_input(batch)``.
     """
     out = {}
     for b in batch_sizes:
-        x = jax.random.uniform(jax.random.key(b), (b, *image_shape))
+        if make_input is not None:
+            x = make_input(b)
+        else:
+            x = jax.random.uniform(jax.random.key(b), (b, *image_shape))
         jax.block_until_ready((first(x), second(x)))
         calls = min(_calls_per_sample(first, x), _calls_per_sample(second, x))
         t1, t2 = [], []

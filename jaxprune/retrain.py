@@ -528,9 +528,11 @@ def prune_and_retrain(
         summary: each slice is a layer for the std, the sparsity target and ``kept``.
       model_state: the model's non-param state (e.g. ``{'batch_stats': ...}`` or the third value
         of :func:`nnx_loss`), updated by the loss while retraining.
-      reestimate: after each prune, recompute ``model_state``'s running statistics from this
-        many batches of the round's first epoch (:func:`jaxprune.reestimate_batch_stats`),
-        since pruning shifts them; 0 (default) keeps them. Needs ``model_state``.
+      reestimate: recompute ``model_state``'s running statistics
+        (:func:`jaxprune.reestimate_batch_stats`) from this many batches after each prune, since
+        pruning shifts them, and again after the round's retraining, since running averages lag
+        behind changing weights (from the round's first and last epoch's batches); 0 (default)
+        leaves them to the retraining. Needs ``model_state``.
       resume: a state yielded by an earlier call with the same arguments; rounds before
         ``resume.round`` are skipped.
       on_epoch: ``on_epoch(round, epoch, mean_train_loss)`` after each epoch (progress bars).
@@ -610,6 +612,9 @@ def prune_and_retrain(
                 on_epoch(r, e, float(epoch_loss) / n)
         params, opt_state, model_state = state.params, state.opt_state, state.model_state
         raise_if_misplaced(opt_state)
+        if stats is not None:  # the running averages lag behind the retrained weights
+            last = itertools.islice(batches(r * epochs + epochs - 1), reestimate)
+            model_state = batch_stats.running_average(stats, model_state, last, params, rng)
         summary = summarize(params, masks, where=where, stacked=stacked)
         record = RoundRecord(
             round=r,
