@@ -18,16 +18,14 @@ from jaxprune.masks import (
 )
 from jaxprune.retrain import (
     RetrainState,
-    RoundRecord,
-    RoundsState,
     connection_counts,
     dropout_rate,
     make_retrain_step,
     nnx_loss,
-    prune_and_retrain,
     retrain_dropout_rates,
     retrain_state,
 )
+from jaxprune.rounds import RoundRecord, RoundsState, prune_and_retrain
 from jaxprune.sparse import SparseApply, sparse_apply, to_bcoo, to_dense
 from jaxprune.storage import FORMAT_VERSION, FileFormatError, LeafReport, SaveReport, load, save
 from jaxprune.structured import LayerShrink, ShrinkReport, Shrunk, neuron_masks, shrink

@@ -29,13 +29,8 @@ from jaxprune.analysis import accuracy
 from jaxprune.data import Dataset, batches
 from jaxprune.masks import apply_masks
 from jaxprune.models import LeNet5, LeNet300100, dense_layer_names
-from jaxprune.retrain import (
-    RoundRecord,
-    RoundsState,
-    make_retrain_step,
-    prune_and_retrain,
-    retrain_state,
-)
+from jaxprune.retrain import make_retrain_step, retrain_state
+from jaxprune.rounds import RoundRecord, RoundsState, prune_and_retrain
 from jaxprune.sparse import sparse_apply, to_bcoo
 from jaxprune.storage import load, save
 from jaxprune.structured import neuron_masks, shrink

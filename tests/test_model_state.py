@@ -13,7 +13,8 @@ from jaxprune import pipeline
 from jaxprune.batch_stats import reestimate_batch_stats
 from jaxprune.data import load_digits
 from jaxprune.pipeline import Checkpoints, Config
-from jaxprune.retrain import RoundsState, make_retrain_step, nnx_loss, retrain_state
+from jaxprune.retrain import make_retrain_step, nnx_loss, retrain_state
+from jaxprune.rounds import RoundsState
 
 X = jax.random.normal(jax.random.key(0), (16, 6, 6, 1)) * 2.0 + 1.0
 Y = jax.random.randint(jax.random.key(1), (16,), 0, 3)

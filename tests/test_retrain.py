@@ -20,10 +20,10 @@ from jaxprune.retrain import (
     dropout_rate,
     make_retrain_step,
     nnx_loss,
-    prune_and_retrain,
     retrain_dropout_rates,
     retrain_state,
 )
+from jaxprune.rounds import prune_and_retrain
 from jaxprune.transform import keep_pruned, update_masks
 
 # --- a small synthetic task: 4 classes from a random linear teacher on 8x8 "images" ------------

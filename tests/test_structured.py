@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from jaxprune.masks import apply_masks
 from jaxprune.models import LeNet5, LeNet300100, NNXLeNet300100
-from jaxprune.retrain import RoundsState, prune_and_retrain
+from jaxprune.rounds import RoundsState, prune_and_retrain
 from jaxprune.structured import neuron_masks, shrink
 from jaxprune.transform import keep_pruned, prune_gradients
 
