@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.sparse import BCOO
 
-from jaxprune import storage
+from jaxprune import _codecs, storage
 from jaxprune.storage import FORMAT_VERSION, FileFormatError, load, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,9 +148,9 @@ def test_gaps_beyond_one_token_round_trip(tmp_path):
 
 
 def test_gap_tokens_escape_long_gaps():
-    tokens = storage._gap_tokens(np.array([3, 3 + 1 + 255 + 7]), np.uint8)
+    tokens = _codecs._gap_tokens(np.array([3, 3 + 1 + 255 + 7]), np.uint8)
     np.testing.assert_array_equal(tokens, [3, 255, 7])
-    flat = storage._gaps_to_flat(tokens, 2, 1000, "w")
+    flat = _codecs._gaps_to_flat(tokens, 2, 1000, "w")
     np.testing.assert_array_equal(flat, [3, 266])
 
 
