@@ -8,6 +8,7 @@ each (rule, calibration or forced), builds the layouts it lacks and compiles.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -184,12 +185,32 @@ class SparseApply:
             for key, call in calls.items()
             if call.use not in ("lookup", "conv")
         }
-        rule = _kernels.choose_plan(products)
+        # choose_plan runs a model's small layers sparse at small batch only when all of its
+        # products can go sparse; convolutions, lookups and small stacked layers stay dense, and
+        # one dense product among sparse ones costs more than it saves (the ResNet example's
+        # 320-weight head in BCSR: 115 vs 109 us at batch 1), so then each layer is on its own.
+        stays_dense = any(
+            call.use in ("lookup", "conv") or call.path in self._stacked for call in calls.values()
+        )
+        if stays_dense:
+            rule = {key: _kernels.choose(*spec) for key, spec in products.items()}
+        else:
+            rule = _kernels.choose_plan(products)
         # The rule keeps convolutions dense: XLA's native convolution beat patches times a sparse
         # matrix on LeNet-5 (batch 1: 1.55x slower with conv2 in BCSR). 'calibrate' still tries.
         rule.update({key: "dense" for key, call in calls.items() if call.use == "conv"})
         rule.update(
             {key: _kernels.LOOKUP_FORMAT for key, call in calls.items() if call.use == "lookup"}
+        )
+        # Inside a scan each slice's layout is picked by a dynamic index: small stacked layers in
+        # BCSR made the nnx.scan Transformer of examples/transformer.py 1.8x slower than dense
+        # at batch 1 (122 vs 69 us, 8% kept), so they stay dense; large ones follow the rule.
+        rule.update(
+            {
+                key: "dense"
+                for key, (_, _, shape) in products.items()
+                if key[0] in self._stacked and math.prod(shape) < _kernels.LARGE_LAYER_SIZE
+            }
         )
         return rule
 
