@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 import jaxprune
 from jaxprune.pipeline import RECIPES
@@ -42,3 +43,17 @@ def test_readme_states_the_recipes_the_command_runs():
         assert f"| {recipe.rounds}, q = {schedule} |" in text, recipe.model
         retrain = f"{recipe.retrain_epochs} epochs at lr {recipe.lr * recipe.retrain_lr_scale:g}"
         assert retrain in text, recipe.model
+
+
+def test_your_own_model_runs():
+    text = README.read_text()
+    section = text[text.index("## Your own model") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    model, last, x = scope["model"], scope["last"], scope["x"]
+    for path, w in jaxprune._tree.leaves_with_paths(nnx.state(model, nnx.Param)):
+        mask = dict(jaxprune._tree.leaves_with_paths(last.masks))[path]
+        assert np.all(np.asarray(w)[~np.asarray(mask)] == 0.0), path
+    assert last.model_state is not None
+    np.testing.assert_allclose(scope["apply"](x), model(x), rtol=1e-5, atol=1e-5)
