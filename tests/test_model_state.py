@@ -75,11 +75,16 @@ def test_linen_step_updates_batch_stats_like_a_hand_written_loop():
         jaxprune.apply_masks(params, masks), tx, rng=jax.random.key(0), model_state=state
     )
     p, opt, ms = s.params, tx.init(s.params), state
-    for _ in range(3):
-        s, metrics = step(s, (X, Y))
+
+    @jax.jit
+    def by_hand(p, opt, ms):
         (value, ms_new), grads = jax.value_and_grad(loss, has_aux=True)(p, (X, Y), None, ms)
         updates, opt = tx.update(grads, opt, p)
-        p, ms = optax.apply_updates(p, updates), ms_new
+        return value, optax.apply_updates(p, updates), opt, ms_new
+
+    for _ in range(3):
+        s, metrics = step(s, (X, Y))
+        value, p, opt, ms = by_hand(p, opt, ms)
         np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s.model_state), jax.tree.leaves(ms), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -189,6 +189,11 @@ def _nnx_block_weights(prefix: str) -> set[str]:
     return _attention(f"{prefix}/attn") | {f"{prefix}/fc1/kernel", f"{prefix}/fc2/kernel"}
 
 
+def _built(cls, **kwargs) -> nnx.Module:
+    """An NNX model constructed under one ``nnx.jit``: one compilation, not one per op."""
+    return nnx.jit(lambda: cls(nnx.Rngs(0), **kwargs))()
+
+
 def _nnx_entry(name, model, inputs, weights, stacked=None) -> ZooModel:
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -200,7 +205,8 @@ def _nnx_entry(name, model, inputs, weights, stacked=None) -> ZooModel:
 
 
 def _linen_entry(name, module, inputs, weights, stacked=None, **kwargs) -> ZooModel:
-    variables = module.init(jax.random.key(0), inputs, **kwargs)
+    # One compilation of the whole init is far quicker than running it op by op.
+    variables = jax.jit(functools.partial(module.init, **kwargs))(jax.random.key(0), inputs)
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
 
@@ -227,7 +233,7 @@ def zoo() -> dict[str, ZooModel]:
     models = [
         _linen_entry("linen_resnet", LinenResNet(), images, resnet),
         _nnx_entry(
-            "nnx_cnn", NNXCNN(nnx.Rngs(0)), images, {"conv1/kernel", "conv2/kernel", "fc/kernel"}
+            "nnx_cnn", _built(NNXCNN), images, {"conv1/kernel", "conv2/kernel", "fc/kernel"}
         ),
         _linen_entry("linen_transformer", LinenTransformer(), tokens, linen_tf),
         _linen_entry(
@@ -237,10 +243,10 @@ def zoo() -> dict[str, ZooModel]:
             {"embed/embedding", "head/kernel"} | _linen_block_weights("layers/Block_0"),
             {"layers": 0},
         ),
-        _nnx_entry("nnx_transformer", NNXTransformer(nnx.Rngs(0)), tokens, nnx_tf),
+        _nnx_entry("nnx_transformer", _built(NNXTransformer), tokens, nnx_tf),
         _nnx_entry(
             "nnx_transformer_scan",
-            NNXTransformer(nnx.Rngs(0), scan=True),
+            _built(NNXTransformer, scan=True),
             tokens,
             {"embed/embedding", "head/kernel"} | _nnx_block_weights("layers"),
             {"layers": 0},
