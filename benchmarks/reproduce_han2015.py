@@ -1,7 +1,7 @@
 """Reproduce Han et al. 2015 on MNIST: both LeNets, our figures beside the paper's.
 
 Runs ``jaxprune run`` for LeNet-300-100 and LeNet-5 with each model's recipe
-(``jaxprune.pipeline.RECIPES``, documented in the README), then reads each ``results.json`` and
+(``jaxprune.demo.recipes.RECIPES``, documented in the README), then reads each ``results.json`` and
 prints one table. Each run checkpoints, so an interrupted reproduction goes on
 with ``--resume``.
 
@@ -20,8 +20,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from jaxprune.cli import main as jaxprune_main
-from jaxprune.pipeline import PAPER
+from jaxprune.demo.cli import main as jaxprune_main
+from jaxprune.demo.recipes import PAPER
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

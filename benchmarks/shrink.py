@@ -32,9 +32,9 @@ import numpy as np
 import optax
 
 from jaxprune._tree import leaves_with_paths
-from jaxprune.data import Dataset, batches, load_digits, load_mnist
+from jaxprune.demo.data import Dataset, batches, load_digits, load_mnist
+from jaxprune.demo.models import LeNet300100
 from jaxprune.masks import apply_masks
-from jaxprune.models import LeNet300100
 from jaxprune.structured import neuron_masks, shrink
 from jaxprune.transform import keep_pruned, update_masks
 

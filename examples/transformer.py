@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 import jaxprune
-from jaxprune.pipeline import compare_times, dense_npz_bytes
+from jaxprune.demo.run import compare_times, dense_npz_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import Load, fmt_spread

@@ -2,6 +2,6 @@
 
 import sys
 
-from jaxprune.cli import main
+from jaxprune.demo.cli import main
 
 sys.exit(main())

@@ -240,7 +240,7 @@ def test_sensitivity_png(tmp_path, problem):
 
 def test_importing_the_demo_modules_does_not_import_matplotlib():
     code = (
-        "import sys, jaxprune.analysis, jaxprune.models, jaxprune.data; "
+        "import sys, jaxprune.analysis, jaxprune.demo.models, jaxprune.demo.data; "
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

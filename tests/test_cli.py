@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune.cli import DEMO, _config, _parser, main
-from jaxprune.pipeline import RECIPES, Config, ConfigError
+from jaxprune.demo.cli import DEMO, _config, _parser, main
+from jaxprune.demo.recipes import RECIPES, Config, ConfigError
 
 FAST = ["--epochs", "2", "--rounds", "2", "--q", "0.8,1.4", "--retrain-epochs", "1"]
 

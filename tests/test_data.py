@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxprune.data import (
+from jaxprune.demo.data import (
     DataError,
     Dataset,
     batches,

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 import jaxprune
-from jaxprune import pipeline
 from jaxprune.batch_stats import reestimate_batch_stats
-from jaxprune.data import load_digits
-from jaxprune.pipeline import Checkpoints, Config
+from jaxprune.demo import run
+from jaxprune.demo.checkpoints import Checkpoints
+from jaxprune.demo.data import load_digits
+from jaxprune.demo.recipes import Config
 from jaxprune.retrain import make_retrain_step, nnx_loss, retrain_state
 from jaxprune.rounds import RoundsState
 
@@ -422,10 +423,10 @@ def test_driver_carries_model_state_reestimates_it_and_resumes():
 def test_round_checkpoints_keep_the_model_state(tmp_path):
     config = Config(model="lenet300")
     data = load_digits()
-    params = pipeline.init_params(config, data)
+    params = run.init_params(config, data)
     masks = jaxprune.compute_masks(params, 0.5)
     tx = jaxprune.keep_pruned(
-        pipeline.retrain_optimizer(config, data)(config.lr * config.retrain_lr_scale), masks
+        run.retrain_optimizer(config, data)(config.lr * config.retrain_lr_scale), masks
     )
     stats = {"batch_stats": {"bn": {"mean": jnp.arange(3.0)}}}
     checkpoints = Checkpoints(tmp_path)

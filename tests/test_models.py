@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxprune._tree import leaves_with_paths
-from jaxprune.models import (
+from jaxprune.demo.models import (
     LeNet5,
     LeNet300100,
     NNXLeNet5,
@@ -218,7 +218,7 @@ def test_count_params_counts_every_leaf():
 
 
 def test_reshape_max_pool_matches_flax_max_pool():
-    from jaxprune.models import _max_pool_2x2
+    from jaxprune.demo.models import _max_pool_2x2
 
     x = np.random.default_rng(0).normal(size=(2, 7, 6, 3)).astype(np.float32)
     expected = nn.max_pool(jnp.asarray(x), (2, 2), strides=(2, 2))

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 import jaxprune
-from jaxprune.pipeline import RECIPES
+from jaxprune.demo.recipes import RECIPES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -14,8 +14,8 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxprune.demo.models import LeNet5, LeNet300100, NNXLeNet300100
 from jaxprune.masks import apply_masks
-from jaxprune.models import LeNet5, LeNet300100, NNXLeNet300100
 from jaxprune.rounds import RoundsState, prune_and_retrain
 from jaxprune.structured import neuron_masks, shrink
 from jaxprune.transform import keep_pruned, prune_gradients

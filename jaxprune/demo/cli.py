@@ -20,13 +20,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from jaxprune import pipeline
 from jaxprune.analysis import accuracy, plot_history, plot_sensitivity, plot_weight_histogram
 from jaxprune.analysis import sensitivity as sensitivity_scan
-from jaxprune.data import DataError, load_dataset
+from jaxprune.demo import checkpoints, recipes, run
+from jaxprune.demo.checkpoints import Checkpoints
+from jaxprune.demo.data import DataError, load_dataset
+from jaxprune.demo.models import count_params
+from jaxprune.demo.recipes import Config, ConfigError
 from jaxprune.masks import summarize
-from jaxprune.models import count_params
-from jaxprune.pipeline import Checkpoints, Config, ConfigError
 from jaxprune.storage import FileFormatError
 
 # The 1,348 training digits give few steps per epoch: retrain longer, at half the dense rate.
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     # Unset options (None) take their value from the command's base config: DEMO for `demo`, the
-    # model's recipe (pipeline.RECIPES) for `run` and `sensitivity`.
+    # model's recipe (recipes.RECIPES) for `run` and `sensitivity`.
     def common(p: argparse.ArgumentParser, out: str) -> None:
         p.add_argument("--model", choices=["lenet300", "lenet5"], default="lenet300")
         p.add_argument("--epochs", type=int, help="dense epochs")
@@ -108,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--sensitivity", action="store_true", help="also run the layer scan")
         p.add_argument("--no-timing", action="store_true", help="skip inference timing")
 
-    recipe = "unset options take the model's recipe (README, pipeline.RECIPES)"
+    recipe = "unset options take the model's recipe (README, recipes.RECIPES)"
     demo = sub.add_parser("demo", help="the whole pipeline on the built-in 8x8 digits")
     common(demo, "jaxprune-out/demo")
     pruning(demo)
@@ -134,7 +135,7 @@ def _config(args: argparse.Namespace) -> Config:
     ``--rounds`` without a schedule runs the first rounds of the base one. ``--keep`` drops the
     base's ``--q-scale``.
     """
-    base = DEMO if args.command == "demo" else pipeline.RECIPES[args.model]
+    base = DEMO if args.command == "demo" else recipes.RECIPES[args.model]
     fields = {f.name for f in dataclasses.fields(Config)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     given["data_dir"] = None if args.command == "demo" else args.data_dir
@@ -193,13 +194,13 @@ def _dense(config: Config, data: Any, ckpt: Checkpoints, console: Console, resum
         return found
     with _Bars(console) as bars:
         task = bars.add("dense training", config.epochs)
-        params = pipeline.train_dense(
+        params = run.train_dense(
             config,
             data,
-            pipeline.init_params(config, data),
+            run.init_params(config, data),
             on_epoch=lambda e, loss: bars.advance(task, f"loss {loss:.4f}"),
         )
-    error = 1.0 - accuracy(pipeline.make_eval(config), params, data.x_test, data.y_test)
+    error = 1.0 - accuracy(run.make_eval(config), params, data.x_test, data.y_test)
     ckpt.save_dense(params, error)
     return params, error
 
@@ -217,7 +218,7 @@ def _rounds(config: Config, data: Any, params: Any, ckpt: Checkpoints, console: 
             for r in range(state.round if state else 0, config.rounds)
         }
         on_epoch = lambda r, e, loss: bars.advance(tasks[r], f"loss {loss:.4f}")  # noqa: E731
-        for done in pipeline.rounds(config, data, params, resume=state, on_epoch=on_epoch):
+        for done in run.rounds(config, data, params, resume=state, on_epoch=on_epoch):
             ckpt.save_round(done)
             state, rec = done, done.history[-1]
             layers = "  ".join(f"{p.split('/')[0]} {_pct(k)}" for p, k in rec.kept.items())
@@ -236,7 +237,7 @@ def _rounds(config: Config, data: Any, params: Any, ckpt: Checkpoints, console: 
 
 def _layer_table(config: Config, summary: Any, last: Any) -> Table:
     """Han et al. 2015, Table 2 style: per layer weights, kept %, the q used, and the paper's."""
-    paper = pipeline.PAPER[config.model]["kept"] if config.data_dir else {}
+    paper = recipes.PAPER[config.model]["kept"] if config.data_dir else {}
     table = Table(title="Per-layer pruning (Han et al. 2015, Table 2 style)")
     for col in ("layer", "weights", "kept", "kept %", "q (last round)", "paper kept %"):
         table.add_column(col, justify="left" if col == "layer" else "right")
@@ -247,7 +248,7 @@ def _layer_table(config: Config, summary: Any, last: Any) -> Table:
             f"{row.total:,}",
             f"{row.kept:,}",
             _pct(row.kept_fraction),
-            f"{pipeline.q_of(last, layer):g}" if last.q is not None else "-",
+            f"{checkpoints.q_of(last, layer):g}" if last.q is not None else "-",
             f"{100 * paper[layer]:.0f}%" if layer in paper else "-",
         )
     table.add_row(
@@ -274,7 +275,7 @@ def _sensitivity(config: Config, data: Any, params: Any, out: Path, grid, consol
     n = min(len(data.x_test), SENSITIVITY_IMAGES)
     with console.status(f"sensitivity scan on {n:,} test images (one compiled call)"):
         result = sensitivity_scan(
-            pipeline.make_eval(config), params, data.x_test[:n], data.y_test[:n], qs=qs
+            run.make_eval(config), params, data.x_test[:n], data.y_test[:n], qs=qs
         )
     table = Table(title="Sensitivity: one layer pruned, no retraining (Han et al. 2015, Fig. 6)")
     table.add_column("q", justify="right")
@@ -294,7 +295,7 @@ def _sensitivity(config: Config, data: Any, params: Any, out: Path, grid, consol
 def _pipeline(args: argparse.Namespace, console: Console) -> int:
     config = _config(args)
     if args.structured is not None:
-        pipeline.check_structured(config, args.structured)
+        run.check_structured(config, args.structured)
     out: Path = args.out
     started = time.perf_counter()
     data = load_dataset(config.data_dir)
@@ -310,12 +311,12 @@ def _pipeline(args: argparse.Namespace, console: Console) -> int:
     dense, base_error = _dense(config, data, ckpt, console, args.resume)
     console.print(f"dense: {count_params(dense):,} parameters, test error {_pct(base_error)}")
     state = _rounds(config, data, dense, ckpt, console, args.resume)
-    history = [pipeline.record_dict(r) for r in state.history]
+    history = [checkpoints.record_dict(r) for r in state.history]
     final_error = 1.0 - state.history[-1].metric
     summary = summarize(state.params, state.masks)
     console.print(_layer_table(config, summary, state.history[-1]))
 
-    sizes = pipeline.export(state.params, state.masks, out / "model.jaxprune")
+    sizes = run.export(state.params, state.masks, out / "model.jaxprune")
     results: dict[str, Any] = {
         "config": dataclasses.asdict(config),
         "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
@@ -332,15 +333,15 @@ def _pipeline(args: argparse.Namespace, console: Console) -> int:
     }
     if not args.no_timing:
         with console.status("timing sparse against dense inference"):
-            results["inference"] = pipeline.time_inference(
+            results["inference"] = run.time_inference(
                 config, state.params, state.masks, data.x_train.shape[1:]
             )
-    results["dead_units"] = pipeline.dead_units(config, state.params, state.masks)
+    results["dead_units"] = run.dead_units(config, state.params, state.masks)
     console.print(f"dead-neuron removal: {results['dead_units']['summary']}")
     if args.structured is not None:
         with console.status(f"structured: pruning {args.structured:.0%} of hidden neurons"):
-            results["structured"] = pipeline.structured(config, data, dense, args.structured)
-        console.print(pipeline.structured_line(results["structured"]))
+            results["structured"] = run.structured(config, data, dense, args.structured)
+        console.print(run.structured_line(results["structured"]))
     curve = [{"round": 0, "kept_fraction": 1.0, "accuracy": 1.0 - base_error}] + [
         {"round": h["round"] + 1, "kept_fraction": h["kept_total"], "accuracy": h["metric"]}
         for h in history
@@ -350,7 +351,7 @@ def _pipeline(args: argparse.Namespace, console: Console) -> int:
         results["sensitivity"] = _sensitivity(config, data, dense, out, None, console)
         plots.append(out / "sensitivity.png")
     results["wall_seconds"] = time.perf_counter() - started
-    pipeline.write_json(out / "results.json", results)
+    checkpoints.write_json(out / "results.json", results)
     console.print(_table1(results))
     console.print(
         f"wrote {out / 'results.json'}, {out / 'model.jaxprune'}, "
@@ -379,7 +380,7 @@ def _sensitivity_command(args: argparse.Namespace, console: Console) -> int:
     dense, error = _dense(config, data, ckpt, console, resume=True)
     console.print(f"dense {config.model} on {data.name}: test error {_pct(error)}")
     result = _sensitivity(config, data, dense, args.out, args.grid, console)
-    pipeline.write_json(args.out / "sensitivity.json", result)
+    checkpoints.write_json(args.out / "sensitivity.json", result)
     console.print(f"wrote {args.out / 'sensitivity.json'}, {args.out / 'sensitivity.png'}")
     return 0
 

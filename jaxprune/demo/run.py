@@ -1,19 +1,15 @@
 """The demo's pipeline pieces: train a LeNet, prune and retrain in rounds, checkpoint, export, time.
 
-The command line (:mod:`jaxprune.cli`) strings these together and draws the progress bars and
+The command line (:mod:`jaxprune.demo.cli`) strings these together and draws the progress bars and
 tables; everything here is plain functions of a :class:`Config`, so a run can be scripted too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import itertools
-import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,136 +22,18 @@ import numpy as np
 import optax
 
 from jaxprune.analysis import accuracy
-from jaxprune.data import Dataset, batches
+from jaxprune.demo.data import Dataset, batches
+from jaxprune.demo.models import LeNet5, LeNet300100, dense_layer_names
+from jaxprune.demo.recipes import Config, ConfigError
 from jaxprune.masks import apply_masks
-from jaxprune.models import LeNet5, LeNet300100, dense_layer_names
 from jaxprune.retrain import make_retrain_step, retrain_state
-from jaxprune.rounds import RoundRecord, RoundsState, prune_and_retrain
+from jaxprune.rounds import RoundsState, prune_and_retrain
 from jaxprune.sparse import sparse_apply, to_bcoo
-from jaxprune.storage import load, save
+from jaxprune.storage import save
 from jaxprune.structured import neuron_masks, shrink
 from jaxprune.transform import keep_pruned
 
 PyTree = Any
-
-# Han et al. 2015, Tables 1 and 2: per-layer kept fractions and errors on MNIST.
-PAPER = {
-    "lenet300": {
-        "error_dense": 0.0164,
-        "error_pruned": 0.0159,
-        "kept": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
-        "kept_total": 0.08,
-    },
-    "lenet5": {
-        "error_dense": 0.0080,
-        "error_pruned": 0.0077,
-        "kept": {"conv1": 0.66, "conv2": 0.12, "fc1": 0.08, "fc2": 0.19},
-        "kept_total": 0.08,
-    },
-}
-
-
-class ConfigError(ValueError):
-    """An impossible combination of options; the CLI prints it as one line and exits 2."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything that decides a run's result (the output folder and resume flag aside).
-
-    Attributes:
-      model: ``'lenet300'`` (LeNet-300-100) or ``'lenet5'``.
-      data_dir: a folder (or ``.npz``) holding MNIST, or ``None`` for sklearn's 8x8 digits.
-      epochs: dense training epochs.
-      rounds: prune -> retrain rounds.
-      q: Han's quality parameter per round (one value is used for every round).
-      keep: instead of ``q``, the fraction of each layer to keep after each round.
-      q_scale: ``((layer, factor), ...)``: those layers are pruned with ``factor * q``; Han et al.
-        prune sensitive layers (LeNet-5's conv1) far less than the fully connected ones.
-      retrain_epochs: retraining epochs per round.
-      lr: dense learning rate (SGD, momentum 0.9, cosine decay); retraining uses
-        ``lr * retrain_lr_scale`` with a cosine restart each round.
-      retrain_lr_scale: Han et al. retrain LeNets at 1/10 of the original rate.
-      weight_decay: L2 coefficient, in training and retraining.
-      batch_size: minibatch size.
-      dropout: dropout rate on the inputs of the hidden dense layers after the first (0: none,
-        as Caffe's LeNets); rescaled each round by Han's rule.
-      seed: seeds initialisation, shuffling and dropout.
-    """
-
-    model: str = "lenet300"
-    data_dir: str | None = None
-    epochs: int = 30
-    rounds: int = 6
-    q: tuple[float, ...] = (1.0, 1.5, 1.9, 2.2, 2.4, 2.6)
-    keep: tuple[float, ...] | None = None
-    q_scale: tuple[tuple[str, float], ...] = ()
-    retrain_epochs: int = 10
-    lr: float = 0.1
-    retrain_lr_scale: float = 0.1
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    dropout: float = 0.0
-    seed: int = 0
-
-    def checked(self) -> Config:
-        """Returns the config with a one-value ``q`` spread over the rounds, or raises."""
-        if self.model not in ("lenet300", "lenet5"):
-            raise ConfigError(f"unknown model {self.model!r}; choose lenet300 or lenet5.")
-        for name in ("epochs", "rounds", "retrain_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
-        if not (self.lr > 0 and self.retrain_lr_scale > 0 and self.weight_decay >= 0):
-            raise ConfigError("--lr and --retrain-lr-scale must be > 0, --weight-decay >= 0.")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}.")
-        schedule = self.keep if self.keep is not None else self.q
-        flag = "--keep" if self.keep is not None else "--q"
-        if len(schedule) == 1:
-            schedule = schedule * self.rounds
-        if len(schedule) != self.rounds:
-            raise ConfigError(
-                f"{flag} has {len(schedule)} values for {self.rounds} rounds; give one value "
-                "or one per round."
-            )
-        if self.keep is not None and not all(0 < k <= 1 for k in schedule):
-            raise ConfigError(f"--keep values must be fractions in (0, 1], got {schedule}.")
-        if self.keep is None and not all(q >= 0 for q in schedule):
-            raise ConfigError(f"--q values must be >= 0, got {schedule}.")
-        if any(f < 0 for _, f in self.q_scale):
-            raise ConfigError(f"--q-scale factors must be >= 0, got {dict(self.q_scale)}.")
-        if self.q_scale and self.keep is not None:
-            raise ConfigError("--q-scale applies to --q, not to --keep.")
-        field = "keep" if self.keep is not None else "q"
-        return dataclasses.replace(self, **{field: tuple(float(v) for v in schedule)})
-
-
-# Our reproduction of Han et al. on real MNIST: what ``jaxprune run --model M`` does unless told
-# otherwise. SGD with momentum 0.9, L2 5e-4 and cosine decay; q rises round by round because the
-# std is taken over the whole layer (pruned entries as zeros), so a fixed q would stop pruning.
-# LeNet-5 prunes its sensitive layers (conv1, conv2, the output layer) with a fraction of q, as
-# the paper does, and trains with dropout on fc2's input, rescaled each round by Han's rule.
-RECIPES = {
-    "lenet300": Config(
-        model="lenet300",
-        epochs=20,
-        lr=0.1,
-        rounds=12,
-        q=(1.0, 1.5, 1.9, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6, 3.8),
-        retrain_epochs=10,
-    ),
-    "lenet5": Config(
-        model="lenet5",
-        epochs=10,
-        lr=0.05,
-        dropout=0.5,
-        rounds=9,
-        q=(1.0, 1.6, 2.0, 2.3, 2.5, 2.6, 2.7, 2.9, 3.1),
-        q_scale=(("conv1", 0.3), ("conv2", 0.6), ("fc2", 0.6)),
-        retrain_epochs=6,
-        retrain_lr_scale=0.2,
-    ),
-}
 
 
 def build_model(
@@ -319,105 +197,6 @@ def rounds(
         on_epoch=on_epoch,
         **schedule,
     )
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def q_of(record: RoundRecord, layer: str) -> float | None:
-    """The q a round used for ``layer`` (None for a kept-fraction round)."""
-    if isinstance(record.q, dict):
-        return record.q.get(layer, record.q["*"])
-    return record.q
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Writes JSON atomically: a temp file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def record_dict(record: Any) -> dict[str, Any]:
-    return dict(record._asdict())
-
-
-class Checkpoints:
-    """The run's checkpoints in ``out/checkpoints``: the dense params, then one file per round.
-
-    Each file is written atomically by :func:`jaxprune.save`; a round counts as done once its
-    JSON (written last) exists, so a run killed mid-write resumes from the round before.
-    """
-
-    def __init__(self, out: Path):
-        self.dir = Path(out) / "checkpoints"
-
-    def save_config(self, config: Config) -> None:
-        write_json(self.dir / "config.json", dataclasses.asdict(config))
-
-    def check_config(self, config: Config) -> None:
-        path = self.dir / "config.json"
-        if not path.exists():
-            return
-        saved = json.loads(path.read_text())
-        now = json.loads(json.dumps(dataclasses.asdict(config)))
-        changed = sorted(k for k in now if saved.get(k) != now[k])
-        if changed:
-            raise ConfigError(
-                f"--resume: the checkpoints in {self.dir} were made with other options "
-                f"({', '.join(changed)}); rerun with the same options or another --out."
-            )
-
-    def save_dense(self, params: PyTree, error: float) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save(self.dir / "dense.jaxprune", {"params": params}, compress=False)
-        write_json(self.dir / "dense.json", {"error": error})
-
-    def load_dense(self) -> tuple[PyTree, float] | None:
-        if not (self.dir / "dense.json").exists():
-            return None
-        error = json.loads((self.dir / "dense.json").read_text())["error"]
-        return load(self.dir / "dense.jaxprune")["params"], error
-
-    def save_round(self, state: RoundsState) -> None:
-        k = state.round
-        tree = {
-            "params": state.params,
-            "masks": state.masks,
-            "opt": jax.tree.leaves(state.opt_state),
-        }
-        if state.model_state is not None:
-            tree["model_state"] = state.model_state
-        save(self.dir / f"round-{k}.jaxprune", tree, compress=False)
-        write_json(self.dir / f"round-{k}.json", [record_dict(r) for r in state.history])
-
-    def load_round(self, config: Config, data: Dataset) -> RoundsState | None:
-        done = sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("round-*.json"))
-        if not done:
-            return None
-        k = done[-1]
-        tree = load(self.dir / f"round-{k}.jaxprune")
-        history = json.loads((self.dir / f"round-{k}.json").read_text())
-        # The optimizer state is stored as its leaves; its structure comes from a fresh init.
-        lr = config.lr * config.retrain_lr_scale
-        tx = keep_pruned(
-            retrain_optimizer(config, data)(lr), tree["masks"], weight_decay=config.weight_decay
-        )
-        template = tx.init(tree["params"])
-        opt_state = jax.tree.unflatten(
-            jax.tree.structure(template), [jnp.asarray(x) for x in tree["opt"]]
-        )
-        records = tuple(RoundRecord(**r) for r in history)
-        masks = jax.tree.map(jnp.asarray, tree["masks"])
-        params = jax.tree.map(jnp.asarray, tree["params"])
-        model_state = jax.tree.map(jnp.asarray, tree.get("model_state"))
-        return RoundsState(k, params, masks, opt_state, records, model_state)
 
 
 # --- export and timing ------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""The demo's configuration: the options of a run, our per-model recipes and the paper's figures.
+
+Everything that decides a run's result is a :class:`Config`; :data:`RECIPES` holds our
+reproduction settings of Han et al. 2015 and :data:`PAPER` the paper's own figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Han et al. 2015, Tables 1 and 2: per-layer kept fractions and errors on MNIST.
+PAPER = {
+    "lenet300": {
+        "error_dense": 0.0164,
+        "error_pruned": 0.0159,
+        "kept": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
+        "kept_total": 0.08,
+    },
+    "lenet5": {
+        "error_dense": 0.0080,
+        "error_pruned": 0.0077,
+        "kept": {"conv1": 0.66, "conv2": 0.12, "fc1": 0.08, "fc2": 0.19},
+        "kept_total": 0.08,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """An impossible combination of options; the CLI prints it as one line and exits 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that decides a run's result (the output folder and resume flag aside).
+
+    Attributes:
+      model: ``'lenet300'`` (LeNet-300-100) or ``'lenet5'``.
+      data_dir: a folder (or ``.npz``) holding MNIST, or ``None`` for sklearn's 8x8 digits.
+      epochs: dense training epochs.
+      rounds: prune -> retrain rounds.
+      q: Han's quality parameter per round (one value is used for every round).
+      keep: instead of ``q``, the fraction of each layer to keep after each round.
+      q_scale: ``((layer, factor), ...)``: those layers are pruned with ``factor * q``; Han et al.
+        prune sensitive layers (LeNet-5's conv1) far less than the fully connected ones.
+      retrain_epochs: retraining epochs per round.
+      lr: dense learning rate (SGD, momentum 0.9, cosine decay); retraining uses
+        ``lr * retrain_lr_scale`` with a cosine restart each round.
+      retrain_lr_scale: Han et al. retrain LeNets at 1/10 of the original rate.
+      weight_decay: L2 coefficient, in training and retraining.
+      batch_size: minibatch size.
+      dropout: dropout rate on the inputs of the hidden dense layers after the first (0: none,
+        as Caffe's LeNets); rescaled each round by Han's rule.
+      seed: seeds initialisation, shuffling and dropout.
+    """
+
+    model: str = "lenet300"
+    data_dir: str | None = None
+    epochs: int = 30
+    rounds: int = 6
+    q: tuple[float, ...] = (1.0, 1.5, 1.9, 2.2, 2.4, 2.6)
+    keep: tuple[float, ...] | None = None
+    q_scale: tuple[tuple[str, float], ...] = ()
+    retrain_epochs: int = 10
+    lr: float = 0.1
+    retrain_lr_scale: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    dropout: float = 0.0
+    seed: int = 0
+
+    def checked(self) -> Config:
+        """Returns the config with a one-value ``q`` spread over the rounds, or raises."""
+        if self.model not in ("lenet300", "lenet5"):
+            raise ConfigError(f"unknown model {self.model!r}; choose lenet300 or lenet5.")
+        for name in ("epochs", "rounds", "retrain_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
+        if not (self.lr > 0 and self.retrain_lr_scale > 0 and self.weight_decay >= 0):
+            raise ConfigError("--lr and --retrain-lr-scale must be > 0, --weight-decay >= 0.")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        schedule = self.keep if self.keep is not None else self.q
+        flag = "--keep" if self.keep is not None else "--q"
+        if len(schedule) == 1:
+            schedule = schedule * self.rounds
+        if len(schedule) != self.rounds:
+            raise ConfigError(
+                f"{flag} has {len(schedule)} values for {self.rounds} rounds; give one value "
+                "or one per round."
+            )
+        if self.keep is not None and not all(0 < k <= 1 for k in schedule):
+            raise ConfigError(f"--keep values must be fractions in (0, 1], got {schedule}.")
+        if self.keep is None and not all(q >= 0 for q in schedule):
+            raise ConfigError(f"--q values must be >= 0, got {schedule}.")
+        if any(f < 0 for _, f in self.q_scale):
+            raise ConfigError(f"--q-scale factors must be >= 0, got {dict(self.q_scale)}.")
+        if self.q_scale and self.keep is not None:
+            raise ConfigError("--q-scale applies to --q, not to --keep.")
+        field = "keep" if self.keep is not None else "q"
+        return dataclasses.replace(self, **{field: tuple(float(v) for v in schedule)})
+
+
+# Our reproduction of Han et al. on real MNIST: what ``jaxprune run --model M`` does unless told
+# otherwise. SGD with momentum 0.9, L2 5e-4 and cosine decay; q rises round by round because the
+# std is taken over the whole layer (pruned entries as zeros), so a fixed q would stop pruning.
+# LeNet-5 prunes its sensitive layers (conv1, conv2, the output layer) with a fraction of q, as
+# the paper does, and trains with dropout on fc2's input, rescaled each round by Han's rule.
+RECIPES = {
+    "lenet300": Config(
+        model="lenet300",
+        epochs=20,
+        lr=0.1,
+        rounds=12,
+        q=(1.0, 1.5, 1.9, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6, 3.8),
+        retrain_epochs=10,
+    ),
+    "lenet5": Config(
+        model="lenet5",
+        epochs=10,
+        lr=0.05,
+        dropout=0.5,
+        rounds=9,
+        q=(1.0, 1.6, 2.0, 2.3, 2.5, 2.6, 2.7, 2.9, 3.1),
+        q_scale=(("conv1", 0.3), ("conv2", 0.6), ("fc2", 0.6)),
+        retrain_epochs=6,
+        retrain_lr_scale=0.2,
+    ),
+}
