@@ -11,36 +11,40 @@ dtype, shape and streams; a stream is split into byte planes (byte i of every it
 raw, zlib or lzma, whichever is smallest, at a recorded offset. Each BCOO leaf stores the positions
 it keeps (a bitmask over the dense shape or the gaps between kept positions, whichever is smaller
 for that layer) and its values, bit-exact unless a lossy mode is asked for. No pickle: loading an
-untrusted file can at worst raise an error.
+untrusted file can at worst raise an error: ``docs/format.md`` specifies every field, and the
+decoder checks all of it before allocating, decompressing no further than the declared sizes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import stat
 import struct
-import tempfile
 import zlib
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
-import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-from flax import nnx
 from jax.experimental.sparse import BCOO
 
-from jaxprune._codecs import (
-    FileFormatError,
-    _decode_index,
-    _decode_values,
-    _encode_index,
-    _encode_values,
-    _max_abs_error,
-    _Payload,
+from jaxprune._codecs import FileFormatError, _check_object, _Payload
+from jaxprune._manifest import (
+    _build_tree,
+    _decode_leaf,
+    _encode_bcoo,
+    _encode_dense,
+    _encode_node,
+    _Leaf,
+    _parse_leaf,
+    _parse_tree,
 )
-from jaxprune._tree import WEIGHT_NAMES, last_key
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "LeafReport", "SaveReport", "load", "save"]
 
@@ -53,6 +57,14 @@ _CRC = struct.Struct("<I")
 _VALUE_MODES = ("exact", "float16", "shared")
 _INDEX_MODES = ("auto", "bitmask", "delta")
 _CHUNK = 1 << 20
+_MAX_MANIFEST = 1 << 25  # about 100,000 leaves; parsed JSON takes many times its bytes
+_MAX_JSON_DEPTH = 2 * 100 + 8  # two JSON levels per tree container, plus the leaf entries
+_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+_BINARY = getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY
+_WRITE = os.O_WRONLY | _BINARY
+# A FIFO opened for reading blocks until a writer comes; non-blocking, it opens and is refused.
+_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _BINARY
 
 
 class LeafReport(NamedTuple):
@@ -105,204 +117,6 @@ class SaveReport(NamedTuple):
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- dtypes
-
-
-def _dtype_name(dtype: np.dtype, where: str) -> str:
-    if dtype.kind in "biufc" or hasattr(ml_dtypes, dtype.name):
-        return dtype.name
-    raise TypeError(
-        f"save: leaf '{where}' has dtype {dtype}; expected a numeric dtype "
-        "(bool, int, float, complex)"
-    )
-
-
-def _dtype_from_name(name: Any, where: str) -> np.dtype:
-    try:
-        dtype = np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
-    except TypeError as e:
-        raise FileFormatError(f"unknown dtype {name!r} for leaf '{where}'") from e
-    if dtype.kind not in "biufc" and not hasattr(ml_dtypes, name):
-        raise FileFormatError(f"unsupported dtype {name!r} for leaf '{where}'")
-    return dtype.newbyteorder("<") if dtype.kind in "biufc" else dtype
-
-
-def _little_endian(arr: np.ndarray) -> np.ndarray:
-    return arr.astype(arr.dtype.newbyteorder("<")) if arr.dtype.kind in "biufc" else arr
-
-
-# ----------------------------------------------------------------------------- leaves
-
-
-def _lossy(mode: str, dtype: np.dtype, path: str, sparse: bool) -> str:
-    # Lossy modes touch weights only (exported BCOO kernels and leaves with a Flax weight name);
-    # biases, norm scales and other small leaves stay exact, as in Deep Compression (Han et al.
-    # 2016).
-    weight = sparse or last_key(path) in WEIGHT_NAMES
-    return mode if jnp.issubdtype(dtype, jnp.floating) and weight else "exact"
-
-
-def _encode_bcoo(leaf: BCOO, where: str, opts: dict, payload: _Payload):
-    if leaf.n_batch or leaf.n_dense:
-        raise ValueError(
-            f"save: leaf '{where}' is a BCOO with n_batch={leaf.n_batch}, n_dense={leaf.n_dense}; "
-            "expected n_batch=0 and n_dense=0 (convert it with "
-            "jax.experimental.sparse.bcoo_update_layout(x, n_batch=0, n_dense=0))"
-        )
-    shape = tuple(int(d) for d in leaf.shape)
-    size = int(np.prod(shape, dtype=np.int64))
-    indices = np.asarray(leaf.indices).reshape(-1, len(shape))
-    data = np.asarray(leaf.data)
-    # BCOO pads with out-of-bounds indices; those entries stand for nothing and are dropped.
-    inside = np.all((indices >= 0) & (indices < np.asarray(shape, dtype=np.int64)), axis=1)
-    flat = np.ravel_multi_index(tuple(indices[inside].T), shape) if shape else np.zeros(0, int)
-    order = np.argsort(flat, kind="stable")
-    flat, values = flat[order].astype(np.int64), _little_endian(data[inside][order])
-    if flat.size and np.any(np.diff(flat) == 0):
-        raise ValueError(
-            f"save: leaf '{where}' is a BCOO with duplicate indices; expected unique indices "
-            "(call .sum_duplicates() on it first)"
-        )
-    index = _encode_index(flat, size, opts["index"], payload)
-    mode = _lossy(opts["values"], values.dtype, where, sparse=True)
-    value_entry, restored, value_name = _encode_values(values, mode, opts["bits"], where, payload)
-    entry = {
-        "kind": "bcoo",
-        "shape": list(shape),
-        "dtype": _dtype_name(data.dtype, where),
-        "index_dtype": _dtype_name(np.asarray(leaf.indices).dtype, where),
-        "nnz": int(flat.size),
-        # Kept so the loaded BCOO has the same pytree structure (its aux data holds these flags).
-        "indices_sorted": bool(leaf.indices_sorted),
-        "unique_indices": bool(leaf.unique_indices),
-        "index": index,
-        "values": value_entry,
-    }
-    error = _max_abs_error(values, restored)
-    return entry, index["encoding"], value_name, int(flat.size), error
-
-
-def _encode_dense(leaf: Any, where: str, opts: dict, payload: _Payload):
-    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        raise TypeError(
-            f"save: leaf '{where}' is a PRNG key array; expected parameters only (for NNX, "
-            "save nnx.state(model, nnx.Param); or store jax.random.key_data(key))"
-        )
-    arr = np.asarray(leaf)
-    dtype = _dtype_name(arr.dtype, where)
-    values = _little_endian(arr).ravel()
-    mode = _lossy(opts["values"], arr.dtype, where, sparse=False)
-    value_entry, restored, value_name = _encode_values(values, mode, opts["bits"], where, payload)
-    entry = {"kind": "dense", "shape": list(arr.shape), "dtype": dtype, "values": value_entry}
-    return entry, "", value_name, int(arr.size), _max_abs_error(values, restored)
-
-
-def _decode_leaf(payload: bytes, entry: Any, index: int):
-    if not isinstance(entry, dict):
-        raise FileFormatError(f"leaf {index} of the manifest is not an object")
-    where = str(entry.get("path", index))
-    try:
-        kind, shape = entry["kind"], tuple(int(d) for d in entry["shape"])
-        dtype = _dtype_from_name(entry["dtype"], where)
-        size = int(np.prod(shape, dtype=np.int64))
-        if kind == "dense":
-            values = _decode_values(payload, entry["values"], dtype, size, where).reshape(shape)
-        elif kind == "bcoo":
-            nnz = int(entry["nnz"])
-            flat = _decode_index(payload, entry["index"], nnz, size, where)
-            values = _decode_values(payload, entry["values"], dtype, nnz, where)
-            # Indices are only positions: any int dtype jax holds represents them.
-            index_dtype = jax.dtypes.canonicalize_dtype(
-                _dtype_from_name(entry["index_dtype"], where)
-            )
-            indices = np.stack(np.unravel_index(flat, shape), axis=1).astype(index_dtype)
-            flags = {k: entry[k] for k in ("indices_sorted", "unique_indices")}
-            if not all(isinstance(v, bool) for v in flags.values()):
-                raise FileFormatError(f"bad BCOO flags for leaf '{where}': {flags}")
-        else:
-            raise FileFormatError(f"unknown leaf kind {kind!r} for leaf '{where}'")
-    except FileFormatError:
-        raise
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
-        raise FileFormatError(f"bad manifest entry for leaf '{where}': {e!r}") from e
-    exact = jax.dtypes.canonicalize_dtype(dtype) == dtype
-    if kind == "dense":
-        # Without jax_enable_x64, jax would cut a 64-bit leaf to 32 bits; numpy keeps it.
-        return jax.device_put(values) if exact else values
-    if not exact:
-        raise ValueError(
-            f"load: leaf '{where}' is a BCOO of {dtype} values, which jax holds only with "
-            "jax_enable_x64; enable it with jax.config.update('jax_enable_x64', True) to load it"
-        )
-    return BCOO(
-        (jax.device_put(values), jax.device_put(indices.reshape(nnz, len(shape)))),
-        shape=shape,
-        **flags,
-    )
-
-
-# ----------------------------------------------------------------------------- tree structure
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}/{key}" if path else str(key)
-
-
-def _encode_node(node: Any, path: str, visit) -> dict[str, Any]:
-    """Manifest form of the tree: dicts (str/int keys), lists, tuples, None and leaves."""
-    if isinstance(node, nnx.Variable):
-        # An NNX Param & co. is stored as its value; load gives the pure nested dict.
-        return _encode_node(node.get_value(), path, visit)
-    if node is None:
-        return {"t": "none"}
-    if isinstance(node, (BCOO, jax.Array, np.ndarray, np.generic)):
-        return {"t": "leaf", "i": visit(node, path or "<root>")}
-    if isinstance(node, Mapping):
-        keys = list(node.keys())
-        for key in keys:
-            if isinstance(key, bool) or not isinstance(key, (str, int)):
-                raise TypeError(
-                    f"save: key {key!r} under '{path or '<root>'}' is a {type(key).__name__}; "
-                    "expected str or int dict keys"
-                )
-        values = [_encode_node(node[k], _join(path, k), visit) for k in keys]
-        return {"t": "dict", "k": keys, "v": values}
-    if type(node) in (list, tuple):
-        values = [_encode_node(v, _join(path, i), visit) for i, v in enumerate(node)]
-        return {"t": type(node).__name__, "v": values}
-    raise TypeError(
-        f"save: leaf '{path or '<root>'}' is a {type(node).__name__}; expected a jax/numpy array, "
-        "a BCOO, None, or a dict/list/tuple of them"
-    )
-
-
-def _decode_node(node: Any, leaves: list, depth: int = 0) -> Any:
-    if depth > 1000 or not isinstance(node, dict):
-        raise FileFormatError("the manifest's tree structure is malformed")
-    kind = node.get("t")
-    if kind == "none":
-        return None
-    if kind == "leaf":
-        i = node.get("i")
-        if not isinstance(i, int) or not 0 <= i < len(leaves):
-            raise FileFormatError(f"the manifest refers to a missing leaf {i!r}")
-        return leaves[i]
-    children = node.get("v")
-    if not isinstance(children, list):
-        raise FileFormatError("the manifest's tree structure is malformed")
-    values = [_decode_node(c, leaves, depth + 1) for c in children]
-    if kind == "dict":
-        keys = node.get("k")
-        if not isinstance(keys, list) or len(keys) != len(values):
-            raise FileFormatError("the manifest's tree structure is malformed")
-        return dict(zip(keys, values, strict=True))
-    if kind == "list":
-        return values
-    if kind == "tuple":
-        return tuple(values)
-    raise FileFormatError(f"unknown node kind {kind!r} in the manifest")
-
-
 # ----------------------------------------------------------------------------- file container
 
 
@@ -328,6 +142,11 @@ def _encode(tree: Any, opts: dict) -> tuple[bytes, list[LeafReport]]:
         {"format": "jaxprune", "version": FORMAT_VERSION, "tree": structure, "leaves": entries},
         separators=(",", ":"),
     ).encode()
+    if len(manifest) > _MAX_MANIFEST:
+        raise ValueError(
+            f"save: the manifest of {len(entries)} leaves takes {len(manifest)} bytes, more than "
+            f"the {_MAX_MANIFEST} a file may hold; expected fewer leaves (stack layers together)"
+        )
     body = b"".join(
         [
             _HEADER.pack(_MAGIC, FORMAT_VERSION, len(manifest), payload.size),
@@ -338,14 +157,24 @@ def _encode(tree: Any, opts: dict) -> tuple[bytes, list[LeafReport]]:
     return body + _CRC.pack(zlib.crc32(body)), reports
 
 
-def _decode(blob: bytes, name: str) -> Any:
-    if blob[: len(_MAGIC)] != _MAGIC[: len(blob)]:
+def _read_exact(f: BinaryIO, offset: int, length: int) -> bytes:
+    f.seek(offset)
+    data = f.read(length)
+    if len(data) != length:
+        raise FileFormatError(f"the file ends at byte {offset + len(data)}, inside a part")
+    return data
+
+
+def _read_header(f: BinaryIO, size: int, name: str) -> tuple[int, int, int]:
+    """(version, manifest length, payload length), once they agree with the file's size."""
+    head = f.read(_HEADER.size)
+    if head[: len(_MAGIC)] != _MAGIC[: len(head)]:
         raise FileFormatError(
-            f"{name} is not a jaxprune model file: it starts with {blob[:8]!r}, expected {_MAGIC!r}"
+            f"{name} is not a jaxprune model file: it starts with {head[:8]!r}, expected {_MAGIC!r}"
         )
-    if len(blob) < _HEADER.size:
-        raise FileFormatError(f"{name} is truncated: {len(blob)} bytes, shorter than the header")
-    _, version, manifest_len, payload_len = _HEADER.unpack_from(blob)
+    if len(head) < _HEADER.size:
+        raise FileFormatError(f"{name} is truncated: {size} bytes, shorter than the header")
+    _, version, manifest_len, payload_len = _HEADER.unpack(head)
     if version > FORMAT_VERSION:
         raise FileFormatError(
             f"{name} has format version {version}, newer than this jaxprune reads "
@@ -354,24 +183,105 @@ def _decode(blob: bytes, name: str) -> Any:
     if version < 1:
         raise FileFormatError(f"{name} has an invalid format version {version}")
     expected = _HEADER.size + manifest_len + payload_len + _CRC.size
-    if len(blob) != expected:
-        what = "truncated" if len(blob) < expected else "corrupted (trailing bytes)"
-        raise FileFormatError(f"{name} is {what}: {len(blob)} bytes, expected {expected}")
-    (crc,) = _CRC.unpack_from(blob, expected - _CRC.size)
-    if zlib.crc32(blob[: expected - _CRC.size]) != crc:
-        raise FileFormatError(f"{name} is corrupted: checksum mismatch")
-    start = _HEADER.size + manifest_len
+    if size != expected:
+        what = "truncated" if size < expected else "corrupted (trailing bytes)"
+        raise FileFormatError(f"{name} is {what}: {size} bytes, expected {expected}")
+    if manifest_len > _MAX_MANIFEST:
+        raise FileFormatError(
+            f"{name} has a manifest of {manifest_len} bytes, more than the {_MAX_MANIFEST} allowed"
+        )
+    return version, manifest_len, payload_len
+
+
+def _checksum_matches(f: BinaryIO, end: int) -> bool:
+    f.seek(0)
+    crc = 0
+    for start in range(0, end, _CHUNK):
+        crc = zlib.crc32(f.read(min(_CHUNK, end - start)), crc)
+    (stored,) = _CRC.unpack(f.read(_CRC.size))
+    return crc == stored
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        seen = [key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i])]
+        raise FileFormatError(f"the manifest repeats the field {seen[0]!r} in one object")
+    return fields
+
+
+def _no_constant(name: str) -> None:
+    raise FileFormatError(f"the manifest holds {name}, which is not JSON")
+
+
+def _parse_json(data: bytes) -> Any:
+    """The manifest's JSON: UTF-8, nesting checked before parsing, no repeated fields."""
     try:
-        manifest = json.loads(blob[_HEADER.size : start])
-        leaf_entries = manifest["leaves"]
-        structure = manifest["tree"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise FileFormatError(f"{name} has an unreadable manifest: {e}") from e
-    payload = blob[start : start + payload_len]
-    if not isinstance(leaf_entries, list):
-        raise FileFormatError(f"{name} has an unreadable manifest: 'leaves' is not a list")
-    leaves = [_decode_leaf(payload, e, i) for i, e in enumerate(leaf_entries)]
-    return _decode_node(structure, leaves)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"the manifest is not UTF-8: {e}") from e
+    brackets = np.frombuffer(re.sub(r'"(?:[^"\\]|\\.)*"', "", text).encode(), np.uint8)
+    nesting = np.isin(brackets, _OPEN).astype(np.int64) - np.isin(brackets, _CLOSE)
+    if np.max(np.cumsum(nesting), initial=0) > _MAX_JSON_DEPTH:
+        raise FileFormatError(f"the manifest nests JSON deeper than {_MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_fields, parse_constant=_no_constant)
+    except FileFormatError:
+        raise
+    except ValueError as e:
+        raise FileFormatError(f"the manifest is not valid JSON: {e}") from e
+
+
+def _parse_manifest(manifest: Any, version: int, payload_len: int) -> tuple[dict, list[_Leaf]]:
+    """The checked tree and leaves of a manifest whose parts tile the payload exactly."""
+    manifest = _check_object(manifest, ("format", "version", "tree", "leaves"), "the manifest")
+    if manifest["format"] != "jaxprune" or manifest["version"] != version:
+        raise FileFormatError(
+            f"the manifest says format {manifest['format']!r} version {manifest['version']!r}; "
+            f"expected 'jaxprune' version {version}, as the header"
+        )
+    entries = manifest["leaves"]
+    if not isinstance(entries, list):
+        raise FileFormatError("the manifest's leaves is not a list")
+    paths: dict[int, str] = {}
+    _parse_tree(manifest["tree"], len(entries), paths)
+    if len(paths) != len(entries):
+        missing = sorted(set(range(len(entries))) - set(paths))
+        raise FileFormatError(f"leaves {missing[:5]} of the manifest are not in the tree")
+    leaves = [_parse_leaf(entry, paths[i]) for i, entry in enumerate(entries)]
+    position = 0
+    for leaf in leaves:
+        for part in (part for stream in leaf.streams for part in stream.parts):
+            if part.offset != position:
+                raise FileFormatError(
+                    f"leaf '{leaf.path}': a part starts at payload byte {part.offset}, expected "
+                    f"{position} (parts follow one another in manifest order)"
+                )
+            position += part.length
+    if position != payload_len:
+        raise FileFormatError(f"the parts cover {position} bytes of the {payload_len}-byte payload")
+    return manifest["tree"], leaves
+
+
+def _decode(f: BinaryIO, size: int, name: str) -> Any:
+    """The tree in an open model file of ``size`` bytes; ``name`` is for errors."""
+    version, manifest_len, payload_len = _read_header(f, size, name)
+    if not _checksum_matches(f, size - _CRC.size):
+        raise FileFormatError(f"{name} is corrupted: checksum mismatch")
+    base = _HEADER.size + manifest_len
+    try:
+        manifest = _parse_json(_read_exact(f, _HEADER.size, manifest_len))
+        tree, leaves = _parse_manifest(manifest, version, payload_len)
+
+        def read(offset: int, length: int) -> bytes:
+            return _read_exact(f, base + offset, length)
+
+        return _build_tree(tree, [_decode_leaf(read, leaf) for leaf in leaves])
+    except FileFormatError as e:
+        raise FileFormatError(f"{name}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- file writes
 
 
 def _write_chunks(f, blob: bytes) -> None:
@@ -379,19 +289,65 @@ def _write_chunks(f, blob: bytes) -> None:
         f.write(blob[i : i + _CHUNK])
 
 
+def _temp_path(path: str) -> str:
+    # One name per target: the next save of a path removes what a crashed save left.
+    directory, base = os.path.split(path)
+    return os.path.join(directory, f".{base}.jaxprune-tmp")
+
+
+def _open_temp(tmp: str) -> int:
+    """A locked, empty, new temp file with the umask's permissions; waits for a concurrent save.
+
+    A file already at ``tmp`` is another save's, being written (its lock makes this one wait), or
+    one a crashed save left (nobody holds its lock): that one is removed and created afresh.
+    """
+    while True:
+        try:
+            fd, fresh = os.open(tmp, _CREATE, 0o666), True
+        except FileExistsError:
+            try:
+                fd, fresh = os.open(tmp, _WRITE), False
+            except FileNotFoundError:
+                continue
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            ours = os.path.samestat(os.fstat(fd), os.stat(tmp))
+        except FileNotFoundError:
+            ours = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if ours and fresh:
+            return fd
+        if ours:
+            os.unlink(tmp)
+        os.close(fd)
+
+
 def _write_atomically(path: str, blob: bytes) -> None:
-    """Temp file in the same directory, fsync, then rename: readers see the old file or the new."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    """Temp file in the same directory, fsync, then rename: readers see the old file or the new.
+
+    Through a symlink, the link's target is replaced and the link kept.
+    """
+    target = os.path.realpath(path)
+    tmp = _temp_path(target)
+    fd = _open_temp(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(fd, "wb", closefd=False) as f:
             _write_chunks(f, blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.fsync(fd)
+        if fcntl is None:  # Windows renames only closed files (and has no flock to hold)
+            os.close(fd)
+            fd = -1
+        os.replace(tmp, target)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def save(
@@ -412,7 +368,8 @@ def save(
     ``State`` is stored as its pure nested dict (see :func:`load`).
 
     Args:
-      path: the file to write; an existing file is replaced only once the new one is complete.
+      path: the file to write; an existing file is replaced only once the new one is complete
+        (through a symlink, its target). It gets the umask's permissions.
       tree: a pytree of ``jax.Array``/``np.ndarray`` and ``BCOO`` leaves, e.g. the output of
         ``jaxprune.sparse.to_bcoo`` or a Linen params dict or ``nnx.state(model, nnx.Param)``.
       values: ``'exact'`` (default) keeps every value bit-exact. ``'float16'`` rounds the weights to
@@ -430,8 +387,9 @@ def save(
       and how each leaf was stored.
 
     Raises:
-      ValueError: on an unknown option, a BCOO with batch/dense dimensions or duplicate indices,
-        or values beyond float16's range with ``values='float16'``.
+      ValueError: on an unknown option, a BCOO with batch/dense dimensions, duplicate indices or
+        an index outside its shape (JAX's padding, the shape itself, is dropped), a tree nested
+        deeper than 100 containers, or values beyond float16's range with ``values='float16'``.
       TypeError: on a leaf or dict key of an unsupported type, or a non-numeric dtype.
 
     Example:
@@ -478,10 +436,11 @@ def load(path: str | os.PathLike) -> Any:
       pure nested dict, which ``nnx.update(model, tree)`` accepts.
 
     Raises:
-      FileFormatError: (a ValueError) if the file is of another format, has a newer format version,
-        is truncated, or fails its checksum.
-      ValueError: for a BCOO of 64-bit values while ``jax_enable_x64`` is off.
-      OSError: if the file cannot be read.
+      FileFormatError: (a ValueError) if the path is not a regular file, or the file is of
+        another format, has a newer format version, is truncated, fails its checksum, or breaks
+        any rule of ``docs/format.md``; also for a BCOO of 64-bit values or indices while
+        ``jax_enable_x64`` is off. The message names the leaf and the field.
+      OSError: if the file cannot be opened.
 
     Example:
       >>> import os, tempfile
@@ -493,6 +452,15 @@ def load(path: str | os.PathLike) -> Any:
       [[1.0, 0.0], [0.0, 1.0]]
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        blob = f.read()
-    return _decode(blob, repr(path))
+    _check_regular(os.stat(path), repr(path))
+    with os.fdopen(os.open(path, _READ), "rb") as f:
+        info = os.fstat(f.fileno())
+        _check_regular(info, repr(path))
+        return _decode(f, info.st_size, repr(path))
+
+
+def _check_regular(info: os.stat_result, name: str) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a device"}
+        kind = next((k for test, k in kinds.items() if test(info.st_mode)), "not a file")
+        raise FileFormatError(f"{name} is {kind}, not a regular file; expected a model file")
