@@ -2,6 +2,6 @@
 
 import sys
 
-from jaxprune.demo.cli import main
+from jaxprune.demo import main
 
 sys.exit(main())

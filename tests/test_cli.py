@@ -197,3 +197,18 @@ def test_schedule_options_fit_together():
         _parsed("run", "--model", "lenet5", "--data-dir", "d", "--rounds", "10")
     with pytest.raises(ConfigError, match="--q-scale applies to --q"):
         _parsed("run", "--data-dir", "d", "--keep", "0.5", "--q-scale", "fc1=0.5")
+
+
+def test_a_plain_install_says_to_install_the_demo_extra():
+    # As without `pip install 'jaxprune[demo]'`: matplotlib cannot be imported (rich can: flax
+    # itself depends on it).
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; import runpy; runpy.run_module('jaxprune')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "demo"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "jaxprune: the command needs matplotlib; install it with pip install 'jaxprune[demo]'"
+    )

@@ -1,4 +1,41 @@
 """The demo: LeNets, data sets, recipes, the run and its checkpoints, and the ``jaxprune`` command.
 
-It sits on top of the library; nothing in the core imports it.
+It sits on top of the library; nothing in the core imports it. Its own dependencies (progress
+bars and tables, plots) come with ``pip install 'jaxprune[demo]'``.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# What the command needs beyond the core: rich draws its bars and tables (flax depends on it too),
+# matplotlib its plots. scikit-learn (the built-in digits) is checked where the digits are loaded.
+DEPENDENCIES = ("rich", "matplotlib")
+
+
+def missing_dependencies() -> list[str]:
+    """The demo dependencies that cannot be imported here."""
+    missing = []
+    for name in DEPENDENCIES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``jaxprune`` command: one line and exit status 2 when a demo dependency is missing."""
+    missing = missing_dependencies()
+    if missing:
+        print(
+            f"jaxprune: the command needs {', '.join(missing)}; install it with "
+            "pip install 'jaxprune[demo]'",
+            file=sys.stderr,
+        )
+        return 2
+    from jaxprune.demo.cli import main as cli_main
+
+    return cli_main(argv)
