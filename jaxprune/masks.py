@@ -78,8 +78,10 @@ def _layer_of(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else path
 
 
-def _q_per_unit(q: QSpec, units: list[Unit]) -> dict[Unit, Any]:
-    """Resolves ``q`` to one value per layer (units absent from a mapping are skipped).
+def _per_unit(
+    q: QSpec, units: list[Unit], *, name: str, high: float, closed_high: bool
+) -> dict[Unit, Any]:
+    """Resolves ``q`` (or a sparsity) to one value per layer; units a mapping omits are skipped.
 
     A mapping key names a slice of a stacked leaf (``'layers/Dense_0/kernel[3]'``), a leaf path
     (``'Dense_0/kernel'``), a layer path (``'Dense_0'``), or an ``fnmatch`` pattern over any of
@@ -87,10 +89,10 @@ def _q_per_unit(q: QSpec, units: list[Unit]) -> dict[Unit, Any]:
     two patterns that both match one unit are ambiguous and rejected.
     """
     if not isinstance(q, Mapping):
-        _check_scalar(q, name="q", low=0.0, high=math.inf, closed_high=False)
+        _check_scalar(q, name=name, low=0.0, high=high, closed_high=closed_high)
         return dict.fromkeys(units, q)
     for key, value in q.items():
-        _check_scalar(value, name=f"q[{key!r}]", low=0.0, high=math.inf, closed_high=False)
+        _check_scalar(value, name=f"{name}[{key!r}]", low=0.0, high=high, closed_high=closed_high)
     resolved: dict[Unit, Any] = {}
     used: set[str] = set()
     for unit in units:
@@ -102,8 +104,8 @@ def _q_per_unit(q: QSpec, units: list[Unit]) -> dict[Unit, Any]:
             globs = [k for k in q if any(fnmatch.fnmatchcase(n, k) for n in names)]
             if len(globs) > 1:
                 raise ValueError(
-                    f"q has several patterns {globs} matching {unit.name!r}; name the leaf or "
-                    "layer exactly to say which q applies."
+                    f"{name} has several patterns {globs} matching {unit.name!r}; name the leaf "
+                    f"or layer exactly to say which {name} applies."
                 )
             if not globs:
                 continue
@@ -114,7 +116,7 @@ def _q_per_unit(q: QSpec, units: list[Unit]) -> dict[Unit, Any]:
     if unused:
         shown = [u.name for u in units]
         raise ValueError(
-            f"q names {unused}, which match no prunable leaf or layer; prunable layers are "
+            f"{name} names {unused}, which match no prunable leaf or layer; prunable layers are "
             f"{shown[:12]}{' ...' if len(shown) > 12 else ''}."
         )
     return resolved
@@ -140,7 +142,7 @@ def _leafwise(fn, params: PyTree, previous: PyTree | None) -> PyTree:
 def _keep_all(leaf: Any, prev: Any) -> Any:
     if not is_array(leaf):
         return True
-    full = jnp.ones(leaf.shape, dtype=bool)
+    full = jnp.ones_like(leaf, dtype=bool)  # placed (sharded) like the leaf
     return full if prev is None else full & jnp.asarray(prev, dtype=bool)
 
 
@@ -210,7 +212,9 @@ def compute_masks(
     ([[False, True], [True, False]], [True, True])
     """
     prunable, axes = _prepare(params, previous, where, stacked)
-    q_of = _q_per_unit(q, layer_units(params, prunable, axes))
+    q_of = _per_unit(
+        q, layer_units(params, prunable, axes), name="q", high=math.inf, closed_high=False
+    )
     by_leaf: dict[str, dict[int | None, Any]] = {}
     for unit, value in q_of.items():
         by_leaf.setdefault(unit.path, {})[unit.index] = value
@@ -242,11 +246,123 @@ def _pruned_count(sparsity: Any, n: int) -> Any:
     return math.floor(float(sparsity) * n + 0.5)
 
 
-def _keep_largest(magnitudes: jax.Array, n_pruned: Any) -> jax.Array:
-    """Keeps all but the ``n_pruned`` smallest entries of a 1-D array; ties go to the lower index."""
-    order = jnp.argsort(magnitudes, stable=True)
-    ranks = jnp.zeros_like(order).at[order].set(jnp.arange(magnitudes.size, dtype=order.dtype))
-    return ranks >= n_pruned
+_PRUNED_KEY = -1  # below the key of every weight, so already pruned connections go first
+_KEY_MAX = np.iinfo(np.int32).max
+
+
+def _keys(leaf: jax.Array, prev: jax.Array | None) -> jax.Array:
+    """Ranks weights by magnitude as int32: the float32 bits of ``|w|``, ``-1`` where pruned.
+
+    For non-negative floats the bit pattern orders like the value (and ``-0.0`` becomes ``0.0``),
+    so counting keys gives the same ranking as sorting the magnitudes, without sorting.
+    """
+    bits = jax.lax.bitcast_convert_type(jnp.abs(leaf.astype(jnp.float32)), jnp.int32)
+    return bits if prev is None else jnp.where(prev, bits, _PRUNED_KEY)
+
+
+def _positions(shape: tuple[int, ...], axis: int | None) -> jax.Array:
+    """Row-major index of every entry within its layer (within its slice for a stacked leaf)."""
+    pos, stride = jnp.zeros(shape, jnp.int32), 1
+    for d in reversed(range(len(shape))):
+        if d != axis:
+            pos = pos + jax.lax.broadcasted_iota(jnp.int32, shape, d) * stride
+            stride *= shape[d]
+    return pos
+
+
+def _count(x: jax.Array, axis: int | None) -> jax.Array:
+    """Counts ``True`` entries per layer: a scalar, or one count per slice along ``axis``."""
+    others = tuple(d for d in range(x.ndim) if d != axis)
+    return jnp.sum(x, axis=others, dtype=jnp.int32)
+
+
+def _column(t: jax.Array, ndim: int, axis: int | None) -> jax.Array:
+    """Reshapes per-slice values (shape ``(n,)``) to broadcast along ``axis``; scalars as they are."""
+    if axis is None:
+        return t
+    shape = [1] * ndim
+    shape[axis] = t.shape[0]
+    return t.reshape(shape)
+
+
+def _bisect(count_at, lo: jax.Array, hi: jax.Array, target: jax.Array) -> jax.Array:
+    """The smallest ``t`` in ``(lo, hi]`` with ``count_at(t) >= target``, elementwise.
+
+    ``count_at`` must be non-decreasing; ``count_at(lo) < target <= count_at(hi)`` is assumed
+    (where it fails, the answer is ``lo + 1`` or ``hi``). About ``log2(hi - lo)`` evaluations.
+    """
+
+    def body(bounds):
+        lo, hi = bounds
+        mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without int32 overflow
+        enough = count_at(mid) >= target
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    def wider(bounds):
+        lo, hi = bounds
+        return jnp.any(hi > lo + 1)  # not hi - lo: that overflows int32
+
+    return jax.lax.while_loop(wider, body, (lo, hi))[1]
+
+
+def _ranked_keep(
+    leaves: tuple[jax.Array, ...],
+    prevs: tuple[jax.Array | None, ...],
+    axes: tuple[int | None, ...],
+    n_pruned: jax.Array,
+) -> tuple[jax.Array, ...]:
+    """Keeps all but the ``n_pruned`` lowest-ranked entries of the leaves taken together.
+
+    The rank is ``(key, leaf, position)``: magnitude first, then flattening order. With one leaf
+    and an ``axis``, every slice along it is ranked on its own (``n_pruned`` per slice). Found by
+    bisection on counts (the threshold key, then the position cut among the entries equal to
+    it), so nothing is sorted and sharded leaves need only reductions.
+    """
+    keys = [_keys(x, p) for x, p in zip(leaves, prevs, strict=True)]
+    shape = jnp.shape(n_pruned)
+
+    def count_at(t, compare):
+        # Keys recomputed per pass behind a barrier tied to t: hoisted out of the loop, XLA
+        # would keep int32 keys of every leaf alive (4 more bytes per parameter).
+        xs, ps, t = jax.lax.optimization_barrier((leaves, prevs, t))
+        return sum(
+            _count(compare(_keys(x, p), _column(t, x.ndim, a)), a)
+            for x, p, a in zip(xs, ps, axes, strict=True)
+        )
+
+    low = jnp.full(shape, _PRUNED_KEY - 1, jnp.int32)
+    threshold = _bisect(
+        lambda t: count_at(t, jnp.less_equal), low, jnp.full(shape, _KEY_MAX), n_pruned
+    )
+    below = count_at(threshold, jnp.less)
+    need = n_pruned - below  # entries equal to the threshold still to prune, in rank order
+    out = []
+    for key, axis in zip(keys, axes, strict=True):
+        t = _column(threshold, key.ndim, axis)
+        tied = key == t
+        ties = _count(tied, axis)
+        take = jnp.clip(need, 0, ties)
+        need = need - take
+        pos = _positions(key.shape, axis)
+        size = math.prod(key.shape) // (1 if axis is None else key.shape[axis])
+        # The position cut: the first `take` ties (in position order) are pruned. Skipped
+        # (bounds already adjacent) where no tie or every tie is pruned.
+        partial = (take > 0) & (take < ties)
+        hi = jnp.where(take == 0, 0, size)
+        cut = _bisect(
+            lambda p, tied=tied, pos=pos, axis=axis: _count(
+                tied & (pos < _column(p, tied.ndim, axis)), axis
+            ),
+            jnp.where(partial, -1, hi - 1),
+            hi,
+            take,
+        )
+        pruned = (key < t) | (tied & (pos < _column(cut, key.ndim, axis)))
+        out.append(~pruned)
+    return tuple(out)
+
+
+_ranked_keep_jit = jax.jit(_ranked_keep, static_argnames="axes")
 
 
 def masks_for_sparsity(
@@ -260,14 +376,25 @@ def masks_for_sparsity(
 ) -> PyTree:
     """Masks that prune exactly a ``sparsity`` fraction of the smallest-magnitude weights.
 
-    The number pruned is ``floor(sparsity * n + 0.5)`` of the ``n`` weights in scope. Ties in
-    magnitude are broken by position: the earlier entry (in flattening order) is pruned first.
-    Connections already pruned by ``previous`` are pruned first and stay pruned; if they already
-    exceed the target, the result is ``previous`` itself.
+    The number pruned is ``floor(sparsity * n + 0.5)`` of the ``n`` weights in scope. Weights are
+    ranked by the float32 magnitude ``|w|``; ties are broken by position: the earlier entry (in
+    flattening order of the leaves, then row-major within a leaf, or within a slice of a stacked
+    leaf) is pruned first. Connections already pruned by ``previous`` rank below every weight, so
+    they are pruned first and stay pruned; if they already exceed the target, the result is
+    ``previous`` itself.
+
+    Nothing is sorted: the threshold is found by bisection on counts (about 32 passes over the
+    weights, plus a few dozen over the entries tied at the threshold when a tie must be split),
+    so the extra memory is the masks themselves and sharded kernels are handled by reductions:
+    the masks keep the params' sharding, and global scope sums counts across leaves and devices
+    instead of gathering the weights.
 
     Args:
       params: a pytree of parameters.
-      sparsity: the fraction to prune, in ``[0, 1)`` (may be traced under ``jax.jit``).
+      sparsity: the fraction to prune, in ``[0, 1)`` (may be traced under ``jax.jit``), or, for
+        ``scope='layer'``, a mapping from a leaf path, a layer path, a stacked slice
+        (``'path[i]'``) or an ``fnmatch`` pattern to a fraction, resolved as ``q`` is in
+        :func:`compute_masks`; prunable layers a mapping does not name are not pruned.
       scope: ``'layer'`` prunes that fraction of every prunable leaf (of every slice of a
         stacked leaf); ``'global'`` ranks the weights of all prunable leaves together, so
         sensitive layers can keep more (a stacked leaf's slices each count once).
@@ -279,8 +406,10 @@ def masks_for_sparsity(
       A mask tree like :func:`compute_masks`'s.
 
     Raises:
-      ValueError: on ``sparsity`` outside ``[0, 1)``, an unknown ``scope``, ``previous`` not
-        matching ``params``, NaN or inf in a prunable weight, or no prunable leaf.
+      ValueError: on ``sparsity`` outside ``[0, 1)``, an unknown ``scope``, a mapping with
+        ``scope='global'`` or naming no prunable layer, ``previous`` not matching ``params``,
+        NaN or inf in a prunable weight, no prunable leaf, or more than ``2**31 - 1`` weights in
+        one scope.
 
     >>> import numpy as np
     >>> params = {'a': {'kernel': np.array([[4.0, -1.0], [2.0, 3.0]])},
@@ -290,46 +419,65 @@ def masks_for_sparsity(
     >>> m = masks_for_sparsity(params, 0.5, scope='global')
     >>> m['b']['kernel'].tolist(), m['a']['kernel'].tolist()
     ([[False, True]], [[True, False], [False, True]])
+    >>> masks_for_sparsity(params, {'b': 0.5})['a']['kernel'].tolist()  # 'a' is not named
+    [[True, True], [True, True]]
     """
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
-    _check_scalar(sparsity, name="sparsity", low=0.0, high=1.0, closed_high=False)
+    if isinstance(sparsity, Mapping) and scope != "layer":
+        raise ValueError(
+            "a sparsity mapping needs scope='layer'; scope='global' ranks every prunable weight "
+            "together under one sparsity."
+        )
+    if not isinstance(sparsity, Mapping):
+        _check_scalar(sparsity, name="sparsity", low=0.0, high=1.0, closed_high=False)
     prunable, axes = _prepare(params, previous, where, stacked)
     prev_of = dict(leaves_with_paths(previous)) if previous is not None else {}
+    chosen = [(p, jnp.asarray(leaf)) for p, leaf in leaves_with_paths(params) if prunable[p]]
 
-    def magnitudes(path: str, leaf: Any) -> jax.Array:
-        m = jnp.abs(jnp.asarray(leaf).astype(jnp.float32)).ravel()
-        if path in prev_of:  # already pruned: rank below every live weight
-            m = jnp.where(jnp.asarray(prev_of[path], dtype=bool).ravel(), m, -1.0)
-        return m
+    def prev(path: str) -> jax.Array | None:
+        return jnp.asarray(prev_of[path], dtype=bool) if path in prev_of else None
 
-    chosen = [(p, leaf) for p, leaf in leaves_with_paths(params) if prunable[p]]
     if scope == "layer":
+        units = layer_units(params, prunable, axes)
+        frac = _per_unit(sparsity, units, name="sparsity", high=1.0, closed_high=False)
         keep_of = {}
         for p, leaf in chosen:
-            if p not in axes:
-                keep_of[p] = _keep_largest(magnitudes(p, leaf), _pruned_count(sparsity, leaf.size))
+            axis = axes.get(p)
+            slices = [u for u in units if u.path == p]
+            if not any(u in frac for u in slices):
                 continue
-            axis, shape = axes[p], leaf.shape
-            rows = jnp.moveaxis(magnitudes(p, leaf).reshape(shape), axis, 0)
-            n_pruned = _pruned_count(sparsity, leaf.size // shape[axis])
-            keep = jax.vmap(_keep_largest, in_axes=(0, None))(
-                rows.reshape(shape[axis], -1), n_pruned
-            )
-            keep_of[p] = jnp.moveaxis(keep.reshape(rows.shape), 0, axis)
+            n = leaf.size // (1 if axis is None else leaf.shape[axis])
+            _check_countable(f"params[{p!r}]", n)
+            counts = [jnp.asarray(_pruned_count(frac.get(u, 0.0), n), jnp.int32) for u in slices]
+            n_pruned = counts[0] if axis is None else jnp.stack(counts)
+            (keep_of[p],) = _ranked_keep_jit((leaf,), (prev(p),), (axis,), n_pruned)
     else:
-        flat = jnp.concatenate([magnitudes(p, leaf) for p, leaf in chosen])
-        keep = _keep_largest(flat, _pruned_count(sparsity, flat.size))
-        splits = np.cumsum([leaf.size for _, leaf in chosen])[:-1]
-        keep_of = {p: k for (p, _), k in zip(chosen, jnp.split(keep, splits), strict=True)}
+        total = sum(leaf.size for _, leaf in chosen)
+        _check_countable("the prunable leaves together", total)
+        keeps = _ranked_keep_jit(
+            tuple(leaf for _, leaf in chosen),
+            tuple(prev(p) for p, _ in chosen),
+            (None,) * len(chosen),
+            jnp.asarray(_pruned_count(sparsity, total), jnp.int32),
+        )
+        keep_of = {p: k for (p, _), k in zip(chosen, keeps, strict=True)}
 
     def one(path: str, leaf: Any, prev: Any) -> Any:
         if path not in keep_of:
             return _keep_all(leaf, prev)
-        keep = keep_of[path].reshape(leaf.shape)
+        keep = keep_of[path]
         return keep if prev is None else keep & jnp.asarray(prev, dtype=bool)
 
     return _leafwise(one, params, previous)
+
+
+def _check_countable(what: str, n: int) -> None:
+    if n > _KEY_MAX:
+        raise ValueError(
+            f"{what} rank {n:,} weights together; masks_for_sparsity counts in int32, so at "
+            f"most {_KEY_MAX:,}. Use scope='layer', or stacked= to rank a leaf per slice."
+        )
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:

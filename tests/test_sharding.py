@@ -107,3 +107,46 @@ def test_sharded_step_equals_single_device_step():
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "replicated ok" in result.stdout and "sharded ok" in result.stdout
+
+
+SPARSITY_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jaxprune.masks import masks_for_sparsity
+
+    assert jax.device_count() == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    params = {
+        "Dense_0": {"kernel": rng.normal(size=(64, 32)).astype(np.float32),
+                    "bias": np.zeros(32, np.float32)},
+        "Dense_1": {"kernel": np.round(rng.normal(size=(32, 8)), 1).astype(np.float32)},  # ties
+    }
+    previous = jax.tree.map(lambda x: rng.random(x.shape) > 0.2, params)
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    def spec(path, leaf):  # FSDP: every kernel split over its first axis
+        return NamedSharding(mesh, P("fsdp", None) if leaf.ndim == 2 else P())
+    sharded = jax.tree_util.tree_map_with_path(lambda p, x: jax.device_put(x, spec(p, x)), params)
+    for scope in ("layer", "global"):
+        want = masks_for_sparsity(params, 0.7, scope=scope, previous=previous)
+        got = masks_for_sparsity(sharded, 0.7, scope=scope, previous=previous)
+        for w, g, x in zip(jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(sharded)):
+            assert np.array_equal(np.asarray(w), np.asarray(g)), scope
+            assert g.sharding.is_equivalent_to(x.sharding, x.ndim), (scope, g.sharding)
+        print(scope, "ok")
+    """
+)
+
+
+def test_sharded_kernels_give_the_same_sparsity_masks_and_stay_sharded():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "-c", SPARSITY_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "layer ok" in result.stdout and "global ok" in result.stdout

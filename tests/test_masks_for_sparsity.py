@@ -1,0 +1,190 @@
+"""masks_for_sparsity against a reference that sorts: exact equality of masks, ties included."""
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxprune
+from jaxprune._tree import leaves_with_paths
+
+# --- the reference: rank by (|w| as float32, flattening order) with numpy's stable argsort ------
+
+
+def reference_keep(magnitudes: np.ndarray, alive: np.ndarray, n_pruned: int) -> np.ndarray:
+    """Keeps all but the n_pruned lowest of a 1-D array; pruned first, then |w|, then position."""
+    order = np.lexsort((np.arange(magnitudes.size), magnitudes, alive))
+    keep = np.ones(magnitudes.size, bool)
+    keep[order[:n_pruned]] = False
+    return keep & alive
+
+
+def reference_masks(kernels, sparsity, scope, previous, axis=None):
+    """Masks of a list of kernels by sorting; ``axis`` ranks the first kernel per slice."""
+    mags = [np.abs(np.asarray(k, np.float32)) for k in kernels]
+    if scope == "global":
+        flat = reference_keep(
+            np.concatenate([m.ravel() for m in mags]),
+            np.concatenate([p.ravel() for p in previous]),
+            math.floor(sparsity * sum(m.size for m in mags) + 0.5),
+        )
+        splits = np.cumsum([m.size for m in mags])[:-1]
+        return [f.reshape(m.shape) for f, m in zip(np.split(flat, splits), mags, strict=True)]
+    out = []
+    for m, p in zip(mags, previous, strict=True):
+        rows, alive = (m[None], p[None]) if axis is None else (m, p)
+        if axis is not None:
+            rows, alive = np.moveaxis(m, axis, 0), np.moveaxis(p, axis, 0)
+        n = math.floor(sparsity * rows[0].size + 0.5)
+        keep = np.stack(
+            [reference_keep(r.ravel(), a.ravel(), n) for r, a in zip(rows, alive, strict=True)]
+        ).reshape(rows.shape)
+        out.append(keep[0] if axis is None else np.moveaxis(keep, 0, axis))
+    return out
+
+
+# Few distinct values (ties), zeros and negative zeros. XLA on CPU flushes subnormals, so none.
+values = st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.0, 3.25, -7.0, 1e-30, 1e30])
+# A few fixed shapes, so the compiled ranking is reused across examples.
+kernel_of = st.sampled_from([(7,), (3, 4), (2, 1, 3)]).flatmap(
+    lambda shape: hnp.arrays(np.float32, shape, elements=values)
+)
+sparsities = st.one_of(st.sampled_from([0.0, 0.5, 0.99]), st.floats(0, 0.999))
+
+
+def params_of(kernels):
+    return {
+        f"Dense_{i}": {"kernel": k, "bias": np.ones(2, np.float32)} for i, k in enumerate(kernels)
+    }
+
+
+def kernel_masks(masks, n):
+    return [np.asarray(masks[f"Dense_{i}"]["kernel"]) for i in range(n)]
+
+
+@settings(max_examples=12)
+@given(
+    st.lists(kernel_of, min_size=1, max_size=2),
+    sparsities,
+    st.sampled_from(["layer", "global"]),
+    st.booleans(),
+    st.data(),
+)
+def test_equals_the_sorting_reference(kernels, sparsity, scope, with_previous, data):
+    params = params_of(kernels)
+    previous = [np.ones(k.shape, bool) for k in kernels]
+    prev_tree = None
+    if with_previous:
+        previous = [data.draw(hnp.arrays(bool, k.shape)) for k in kernels]
+        prev_tree = jax.tree.map(lambda x: np.ones(x.shape, bool), params)
+        for i, p in enumerate(previous):
+            prev_tree[f"Dense_{i}"]["kernel"] = p
+    got = kernel_masks(
+        jaxprune.masks_for_sparsity(params, sparsity, scope=scope, previous=prev_tree),
+        len(kernels),
+    )
+    want = reference_masks(kernels, sparsity, scope, previous)
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w)
+
+
+@settings(max_examples=10)
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=3, max_dims=3, min_side=1, max_side=4),
+        elements=values,
+    ),
+    st.sampled_from([0, 2]),
+    sparsities,
+    st.data(),
+)
+def test_stacked_slices_equal_the_reference(kernel, axis, sparsity, data):
+    params = {"layers": {"kernel": kernel}}
+    previous = data.draw(hnp.arrays(bool, kernel.shape))
+    got = jaxprune.masks_for_sparsity(
+        params, sparsity, previous={"layers": {"kernel": previous}}, stacked={"layers": axis}
+    )["layers"]["kernel"]
+    (want,) = reference_masks([kernel], sparsity, "layer", [previous], axis=axis)
+    assert np.array_equal(np.asarray(got), want)
+
+
+def test_float64_and_bfloat16_rank_by_their_float32_magnitude():
+    # 1 + 1e-12 and 1 are one float32: tied, so position decides (the earlier is pruned).
+    params = {"kernel": np.array([1.0 + 1e-12, 1.0, 3.0, 0.5])}
+    assert np.asarray(jaxprune.masks_for_sparsity(params, 0.5)["kernel"]).tolist() == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    bf16 = {"kernel": jax.numpy.asarray([2.0, -1.0, 1.0, -0.0], jax.numpy.bfloat16)}
+    assert np.asarray(jaxprune.masks_for_sparsity(bf16, 0.75)["kernel"]).tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
+# --- per-layer sparsity mapping -------------------------------------------------------------
+
+
+def test_mapping_by_leaf_layer_pattern_and_slice():
+    rng = np.random.default_rng(0)
+    params = {
+        "Dense_0": {"kernel": rng.normal(size=(4, 5)).astype(np.float32)},
+        "Dense_1": {"kernel": rng.normal(size=(4, 5)).astype(np.float32)},
+        "Conv_0": {"kernel": rng.normal(size=(4, 5)).astype(np.float32)},
+        "layers": {"kernel": rng.normal(size=(3, 4, 5)).astype(np.float32)},
+    }
+    masks = jaxprune.masks_for_sparsity(
+        params,
+        {"Dense_*": 0.5, "Dense_1/kernel": 0.25, "layers/kernel[1]": 0.75},
+        stacked={"layers": 0},
+    )
+    pruned = {
+        p: int((~np.asarray(m)).sum((-2, -1)))
+        if m.ndim == 2
+        else (~np.asarray(m)).sum((-2, -1)).tolist()
+        for p, m in leaves_with_paths(masks)
+    }
+    assert pruned == {
+        "Conv_0/kernel": 0,  # not named: not pruned
+        "Dense_0/kernel": 10,  # the pattern
+        "Dense_1/kernel": 5,  # the exact name wins
+        "layers/kernel": [0, 15, 0],  # one slice named
+    }
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "scope", "match"),
+    [
+        ({"Dense_9": 0.5}, "layer", r"sparsity names \['Dense_9'\], which match no prunable"),
+        ({"Dense_0": 1.0}, "layer", r"sparsity\['Dense_0'\] must be finite and in \[0.0, 1.0\)"),
+        ({"Dense_0": 0.5}, "global", r"a sparsity mapping needs scope='layer'"),
+    ],
+)
+def test_bad_mapping(sparsity, scope, match):
+    params = {"Dense_0": {"kernel": np.ones((2, 2), np.float32)}}
+    with pytest.raises(ValueError, match=match):
+        jaxprune.masks_for_sparsity(params, sparsity, scope=scope)
+
+
+def test_jit_and_vmap_over_the_sparsity_compile_once():
+    params = params_of([np.random.default_rng(1).normal(size=(8, 8)).astype(np.float32)])
+    traces = []
+
+    @jax.jit
+    def kept(params, s):
+        traces.append(1)
+        masks = jaxprune.masks_for_sparsity(params, s, scope="global")
+        return masks["Dense_0"]["kernel"].sum()
+
+    assert [int(kept(params, s)) for s in (0.25, 0.5)] == [48, 32] and len(traces) == 1
+    grid = jax.vmap(lambda s: jaxprune.masks_for_sparsity(params, s)["Dense_0"]["kernel"].sum())
+    assert np.asarray(grid(np.array([0.0, 0.5, 0.9], np.float32))).tolist() == [64, 32, 6]
