@@ -219,8 +219,11 @@ def _parse_shape(shape: Any, what: str) -> tuple[int, ...]:
     dims = tuple(
         _check_int(d, f"{what}: shape[{i}]", 0, _MAX_ELEMENTS) for i, d in enumerate(shape)
     )
-    if math.prod(dims) > _MAX_ELEMENTS:
-        raise FileFormatError(f"{what}: shape {list(dims)} has more than {_MAX_ELEMENTS} elements")
+    # Over the nonzero dims: numpy refuses a shape like [0, 2**48, 2**48] as too big.
+    if math.prod(d for d in dims if d) > _MAX_ELEMENTS:
+        raise FileFormatError(
+            f"{what}: shape {list(dims)} is too large: its nonzero dims multiply past {_MAX_ELEMENTS}"
+        )
     return dims
 
 
