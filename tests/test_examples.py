@@ -1,4 +1,8 @@
-"""The examples run their whole flow (in a reduced setting) and report what they claim."""
+"""The examples run their whole flow (in a reduced setting) and report what they claim.
+
+Marked slow (about a minute together): ``python -m pytest`` leaves them out, ``python -m pytest
+-m slow`` runs them, and CI (``.ci/run``) runs both.
+"""
 
 import importlib.util
 import sys
@@ -25,6 +29,7 @@ def _check_export(result):
     assert all(t["ratio"] > 0 for t in result["times"].values())
 
 
+@pytest.mark.slow
 def test_resnet_batchnorm_example(capsys):
     pytest.importorskip("sklearn")
     result = _main("resnet_batchnorm")(["--quick"])
@@ -35,6 +40,7 @@ def test_resnet_batchnorm_example(capsys):
     assert "Linen ResNet + BatchNorm" in out and "sparse / dense time" in out
 
 
+@pytest.mark.slow
 def test_transformer_example_scan_stacked(capsys):
     result = _main("transformer")(["--quick", "--models", "scan"])
     assert set(result) == {"nnx.scan"}
