@@ -1,0 +1,141 @@
+"""The exact ranking behind ``masks_for_sparsity``: the ``k`` smallest magnitudes, without sorting.
+
+Each weight's key is the int32 bit pattern of its float32 magnitude (which orders like the value),
+``-1`` where already pruned; bisection on counts finds the threshold key, then a second bisection
+on position splits the ties at it, so the result is the stable sort's (earlier entry pruned first)
+while only reductions run: sharded leaves stay sharded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_PRUNED_KEY = -1  # below the key of every weight, so already pruned connections go first
+_KEY_MAX = np.iinfo(np.int32).max
+
+
+def _keys(leaf: jax.Array, prev: jax.Array | None) -> jax.Array:
+    """Ranks weights by magnitude as int32: the float32 bits of ``|w|``, ``-1`` where pruned.
+
+    For non-negative floats the bit pattern orders like the value (and ``-0.0`` becomes ``0.0``),
+    so counting keys gives the same ranking as sorting the magnitudes, without sorting.
+    """
+    bits = jax.lax.bitcast_convert_type(jnp.abs(leaf.astype(jnp.float32)), jnp.int32)
+    return bits if prev is None else jnp.where(prev, bits, _PRUNED_KEY)
+
+
+def _positions(shape: tuple[int, ...], axis: int | None) -> jax.Array:
+    """Row-major index of every entry within its layer (within its slice for a stacked leaf)."""
+    pos, stride = jnp.zeros(shape, jnp.int32), 1
+    for d in reversed(range(len(shape))):
+        if d != axis:
+            pos = pos + jax.lax.broadcasted_iota(jnp.int32, shape, d) * stride
+            stride *= shape[d]
+    return pos
+
+
+def _count(x: jax.Array, axis: int | None) -> jax.Array:
+    """Counts ``True`` entries per layer: a scalar, or one count per slice along ``axis``."""
+    others = tuple(d for d in range(x.ndim) if d != axis)
+    return jnp.sum(x, axis=others, dtype=jnp.int32)
+
+
+def _column(t: jax.Array, ndim: int, axis: int | None) -> jax.Array:
+    """Reshapes per-slice values (shape ``(n,)``) to broadcast along ``axis``; scalars as they are."""
+    if axis is None:
+        return t
+    shape = [1] * ndim
+    shape[axis] = t.shape[0]
+    return t.reshape(shape)
+
+
+def _bisect(count_at, lo: jax.Array, hi: jax.Array, target: jax.Array) -> jax.Array:
+    """The smallest ``t`` in ``(lo, hi]`` with ``count_at(t) >= target``, elementwise.
+
+    ``count_at`` must be non-decreasing; ``count_at(lo) < target <= count_at(hi)`` is assumed
+    (where it fails, the answer is ``lo + 1`` or ``hi``). About ``log2(hi - lo)`` evaluations.
+    """
+
+    def body(bounds):
+        lo, hi = bounds
+        mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without int32 overflow
+        enough = count_at(mid) >= target
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    def wider(bounds):
+        lo, hi = bounds
+        return jnp.any(hi > lo + 1)  # not hi - lo: that overflows int32
+
+    return jax.lax.while_loop(wider, body, (lo, hi))[1]
+
+
+def _ranked_keep(
+    leaves: tuple[jax.Array, ...],
+    prevs: tuple[jax.Array | None, ...],
+    axes: tuple[int | None, ...],
+    n_pruned: jax.Array,
+) -> tuple[jax.Array, ...]:
+    """Keeps all but the ``n_pruned`` lowest-ranked entries of the leaves taken together.
+
+    The rank is ``(key, leaf, position)``: magnitude first, then flattening order. With one leaf
+    and an ``axis``, every slice along it is ranked on its own (``n_pruned`` per slice). Found by
+    bisection on counts (the threshold key, then the position cut among the entries equal to
+    it), so nothing is sorted and sharded leaves need only reductions.
+    """
+    keys = [_keys(x, p) for x, p in zip(leaves, prevs, strict=True)]
+    shape = jnp.shape(n_pruned)
+
+    def count_at(t, compare):
+        # Keys recomputed per pass behind a barrier tied to t: hoisted out of the loop, XLA
+        # would keep int32 keys of every leaf alive (4 more bytes per parameter).
+        xs, ps, t = jax.lax.optimization_barrier((leaves, prevs, t))
+        return sum(
+            _count(compare(_keys(x, p), _column(t, x.ndim, a)), a)
+            for x, p, a in zip(xs, ps, axes, strict=True)
+        )
+
+    low = jnp.full(shape, _PRUNED_KEY - 1, jnp.int32)
+    threshold = _bisect(
+        lambda t: count_at(t, jnp.less_equal), low, jnp.full(shape, _KEY_MAX), n_pruned
+    )
+    below = count_at(threshold, jnp.less)
+    need = n_pruned - below  # entries equal to the threshold still to prune, in rank order
+    out = []
+    for key, axis in zip(keys, axes, strict=True):
+        t = _column(threshold, key.ndim, axis)
+        tied = key == t
+        ties = _count(tied, axis)
+        take = jnp.clip(need, 0, ties)
+        need = need - take
+        pos = _positions(key.shape, axis)
+        size = math.prod(key.shape) // (1 if axis is None else key.shape[axis])
+        # The position cut: the first `take` ties (in position order) are pruned. Skipped
+        # (bounds already adjacent) where no tie or every tie is pruned.
+        partial = (take > 0) & (take < ties)
+        hi = jnp.where(take == 0, 0, size)
+        cut = _bisect(
+            lambda p, tied=tied, pos=pos, axis=axis: _count(
+                tied & (pos < _column(p, tied.ndim, axis)), axis
+            ),
+            jnp.where(partial, -1, hi - 1),
+            hi,
+            take,
+        )
+        pruned = (key < t) | (tied & (pos < _column(cut, key.ndim, axis)))
+        out.append(~pruned)
+    return tuple(out)
+
+
+ranked_keep = jax.jit(_ranked_keep, static_argnames="axes")
+
+
+def check_countable(what: str, n: int) -> None:
+    if n > _KEY_MAX:
+        raise ValueError(
+            f"{what} rank {n:,} weights together; masks_for_sparsity counts in int32, so at "
+            f"most {_KEY_MAX:,}. Use scope='layer', or stacked= to rank a leaf per slice."
+        )
