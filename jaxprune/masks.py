@@ -14,7 +14,6 @@ Layers stacked in one array (``nn.scan``, ``nnx.scan``) are separate layers with
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -23,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._options import QSpec, check_scalar, is_traced, per_slice, per_unit
 from jaxprune._ranking import check_countable, ranked_keep
 from jaxprune._tree import (
     PyTree,
     Stacked,
-    Unit,
     Where,
     check_like,
     default_where,
@@ -40,95 +39,14 @@ from jaxprune._tree import (
     stacked_axes,
 )
 
-QSpec = Any  # a scalar (possibly traced) or a mapping from path / path pattern to a scalar
-
-
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
 
 def _check_finite(params: PyTree, prunable: Mapping[str, bool]) -> None:
     for path, leaf in leaves_with_paths(params):
-        if prunable[path] and not _is_traced(leaf) and not bool(jnp.isfinite(leaf).all()):
+        if prunable[path] and not is_traced(leaf) and not bool(jnp.isfinite(leaf).all()):
             raise ValueError(
                 f"params[{path!r}] contains NaN or inf; pruning thresholds would be meaningless. "
                 "Fix the weights (e.g. a diverged training run) before computing masks."
             )
-
-
-def _check_scalar(value: Any, *, name: str, low: float, high: float, closed_high: bool) -> None:
-    """Validates a concrete scalar option eagerly; traced values are taken as given."""
-    if _is_traced(value):
-        if jnp.ndim(value) != 0:
-            raise ValueError(f"{name} must be a scalar, got a traced array of shape {value.shape}.")
-        return
-    if isinstance(value, bool) or not isinstance(
-        value, (int, float, np.number, np.ndarray, jax.Array)
-    ):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}.")
-    if np.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}.")
-    v = float(value)
-    inside = low <= v and (v <= high if closed_high else v < high)
-    if not inside:
-        bound = f"[{low}, {high}]" if closed_high else f"[{low}, {high})"
-        raise ValueError(f"{name} must be finite and in {bound}, got {value!r}.")
-
-
-def _layer_of(path: str) -> str:
-    return path.rsplit("/", 1)[0] if "/" in path else path
-
-
-def _per_unit(
-    q: QSpec, units: list[Unit], *, name: str, high: float, closed_high: bool
-) -> dict[Unit, Any]:
-    """Resolves ``q`` (or a sparsity) to one value per layer; units a mapping omits are skipped.
-
-    A mapping key names a slice of a stacked leaf (``'layers/Dense_0/kernel[3]'``), a leaf path
-    (``'Dense_0/kernel'``), a layer path (``'Dense_0'``), or an ``fnmatch`` pattern over any of
-    them (``'Conv_*'``). An exact name wins over a pattern (the most specific exact name first);
-    two patterns that both match one unit are ambiguous and rejected.
-    """
-    if not isinstance(q, Mapping):
-        _check_scalar(q, name=name, low=0.0, high=high, closed_high=closed_high)
-        return dict.fromkeys(units, q)
-    for key, value in q.items():
-        _check_scalar(value, name=f"{name}[{key!r}]", low=0.0, high=high, closed_high=closed_high)
-    resolved: dict[Unit, Any] = {}
-    used: set[str] = set()
-    for unit in units:
-        names = (unit.name, unit.path, _layer_of(unit.path))
-        exact = [n for n in names if n in q]
-        if exact:
-            key = exact[0]
-        else:
-            globs = [k for k in q if any(fnmatch.fnmatchcase(n, k) for n in names)]
-            if len(globs) > 1:
-                raise ValueError(
-                    f"{name} has several patterns {globs} matching {unit.name!r}; name the leaf "
-                    f"or layer exactly to say which {name} applies."
-                )
-            if not globs:
-                continue
-            key = globs[0]
-        resolved[unit] = q[key]
-        used.add(key)
-    unused = [k for k in q if k not in used]
-    if unused:
-        shown = [u.name for u in units]
-        raise ValueError(
-            f"{name} names {unused}, which match no prunable leaf or layer; prunable layers are "
-            f"{shown[:12]}{' ...' if len(shown) > 12 else ''}."
-        )
-    return resolved
-
-
-def _per_slice(values: Mapping[int, Any], n: int, axis: int, ndim: int, fill: float) -> jax.Array:
-    """Stacks per-slice scalars into an array that broadcasts along ``axis`` of an ndim array."""
-    column = jnp.stack([jnp.asarray(values.get(i, fill), jnp.float32) for i in range(n)])
-    shape = [1] * ndim
-    shape[axis] = n
-    return column.reshape(shape)
 
 
 def _leafwise(fn, params: PyTree, previous: PyTree | None) -> PyTree:
@@ -213,7 +131,7 @@ def compute_masks(
     ([[False, True], [True, False]], [True, True])
     """
     prunable, axes = _prepare(params, previous, where, stacked)
-    q_of = _per_unit(
+    q_of = per_unit(
         q, layer_units(params, prunable, axes), name="q", high=math.inf, closed_high=False
     )
     by_leaf: dict[str, dict[int | None, Any]] = {}
@@ -230,7 +148,7 @@ def compute_masks(
         if path in axes:  # one std and one q per slice; a slice without a q keeps everything
             axis = axes[path]
             others = tuple(a for a in range(w.ndim) if a != axis)
-            q_leaf = _per_slice(by_leaf[path], w.shape[axis], axis, w.ndim, fill=0.0)
+            q_leaf = per_slice(by_leaf[path], w.shape[axis], axis, w.ndim, fill=0.0)
             threshold = q_leaf * jnp.std(w, axis=others, keepdims=True)
         else:
             threshold = jnp.asarray(by_leaf[path][None], dtype=jnp.float32) * jnp.std(w)
@@ -242,7 +160,7 @@ def compute_masks(
 
 def _pruned_count(sparsity: Any, n: int) -> Any:
     # Round half up; exact in Python for a concrete sparsity, float32 when traced.
-    if _is_traced(sparsity):
+    if is_traced(sparsity):
         return jnp.floor(sparsity * n + 0.5).astype(jnp.int32)
     return math.floor(float(sparsity) * n + 0.5)
 
@@ -312,7 +230,7 @@ def masks_for_sparsity(
             "together under one sparsity."
         )
     if not isinstance(sparsity, Mapping):
-        _check_scalar(sparsity, name="sparsity", low=0.0, high=1.0, closed_high=False)
+        check_scalar(sparsity, name="sparsity", low=0.0, high=1.0, closed_high=False)
     prunable, axes = _prepare(params, previous, where, stacked)
     prev_of = dict(leaves_with_paths(previous)) if previous is not None else {}
     chosen = [(p, jnp.asarray(leaf)) for p, leaf in leaves_with_paths(params) if prunable[p]]
@@ -322,7 +240,7 @@ def masks_for_sparsity(
 
     if scope == "layer":
         units = layer_units(params, prunable, axes)
-        frac = _per_unit(sparsity, units, name="sparsity", high=1.0, closed_high=False)
+        frac = per_unit(sparsity, units, name="sparsity", high=1.0, closed_high=False)
         keep_of = {}
         for p, leaf in chosen:
             axis = axes.get(p)
