@@ -1,9 +1,9 @@
 """jaxprune: Han et al. 2015 magnitude pruning for JAX, Flax and optax.
 
-Masks from parameters (:func:`compute_masks`), retraining that keeps pruned weights at zero
-(:func:`keep_pruned`, :func:`prune_and_retrain`), sparse export and inference (:func:`to_bcoo`,
-:func:`sparse_apply`), compact files (:func:`save`, :func:`load`) and physically smaller layers
-(:func:`shrink`, :func:`neuron_masks`).
+Masks from parameters (:func:`compute_masks`; N:M patterns with :func:`nm_masks`), retraining
+that keeps pruned weights at zero (:func:`keep_pruned`, :func:`prune_and_retrain`), sparse export
+and inference (:func:`to_bcoo`, :func:`sparse_apply`), compact files (:func:`save`, :func:`load`)
+and physically smaller layers (:func:`shrink`, :func:`neuron_masks`).
 """
 
 from jaxprune._tree import default_where, excluding, paths_matching, weights_named
@@ -16,6 +16,7 @@ from jaxprune.masks import (
     masks_for_sparsity,
     summarize,
 )
+from jaxprune.nm import nm_masks, nm_pattern, nm_patterns
 from jaxprune.retrain import (
     RetrainState,
     connection_counts,
@@ -65,6 +66,9 @@ __all__ = [
     "make_retrain_step",
     "masks_for_sparsity",
     "neuron_masks",
+    "nm_masks",
+    "nm_pattern",
+    "nm_patterns",
     "nnx_loss",
     "paths_matching",
     "prune_and_retrain",

@@ -19,6 +19,7 @@ import optax
 from jaxprune import batch_stats
 from jaxprune._tree import PyTree, Stacked, Where
 from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
+from jaxprune.nm import AxisSpec, check_pattern, nm_masks
 from jaxprune.retrain import (
     Batch,
     LossFn,
@@ -45,6 +46,7 @@ class RoundRecord(NamedTuple):
     metric: Any
     learning_rate: float
     dropout_rates: dict[str, float]
+    pattern: tuple[int, int] | None = None
 
 
 class RoundsState(NamedTuple):
@@ -74,9 +76,47 @@ def _schedule_value(schedule: Schedule, r: int, rounds: int, *, name: str) -> An
     return float(value)
 
 
-def _check_driver_args(q: Schedule, sparsity: Schedule, rounds: int, epochs: int) -> None:
-    if (q is None) == (sparsity is None):
-        raise ValueError("pass exactly one of q (Han's q*std rule) or sparsity (a target).")
+def _is_pair(value: Any) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _pattern_value(pattern: Schedule, r: int, rounds: int) -> tuple[int, int] | None:
+    """The round's ``(n, m)``: ``pattern`` is one pair, one pair or None per round, or a function."""
+    if pattern is None:
+        return None
+    if callable(pattern):
+        value = pattern(r)
+    elif _is_pair(pattern):
+        value = pattern
+    elif isinstance(pattern, Sequence):
+        if len(pattern) != rounds:
+            raise ValueError(
+                f"pattern has {len(pattern)} entries, expected rounds={rounds} (one (n, m) or None "
+                "per round), or one (n, m) pair for every round."
+            )
+        value = pattern[r]
+    else:
+        raise TypeError(f"pattern must be an (n, m) pair, got {type(pattern).__name__}.")
+    if value is None:
+        return None
+    if not _is_pair(value):
+        raise TypeError(f"pattern for round {r} must be an (n, m) pair of ints, got {value!r}.")
+    return check_pattern(*value)
+
+
+def _check_driver_args(
+    q: Schedule, sparsity: Schedule, pattern: Schedule, rounds: int, epochs: int
+) -> None:
+    both = q is not None and sparsity is not None
+    if both or (q is None and sparsity is None and pattern is None):
+        raise ValueError(
+            "pass exactly one of q (Han's q*std rule) or sparsity (a target), or neither with "
+            "pattern= (an N:M target)."
+        )
     if rounds < 1 or epochs < 1:
         raise ValueError(f"rounds and epochs must be >= 1, got rounds={rounds}, epochs={epochs}.")
 
@@ -96,6 +136,8 @@ def prune_and_retrain(
     q: Schedule = None,
     sparsity: Schedule = None,
     scope: str = "layer",
+    pattern: Schedule = None,
+    pattern_axis: AxisSpec = None,
     lr_scale: float = 0.1,
     optimizer: Callable[[float], optax.GradientTransformation] = _default_optimizer,
     weight_decay: float = 0.0,
@@ -112,7 +154,8 @@ def prune_and_retrain(
     """Iterative pruning (Han et al. 2015, Sec. 3.3): each round prunes, then retrains.
 
     Round ``r``: masks = ``compute_masks(params, q_r, previous=masks)`` (or
-    ``masks_for_sparsity(params, sparsity_r, ...)``), params are masked, dropout rates are rescaled
+    ``masks_for_sparsity(params, sparsity_r, ...)``), then, with a ``pattern``, projected onto N:M
+    (``nm_masks(params, n, m, previous=masks)``), params are masked, dropout rates are rescaled
     by :func:`jaxprune.dropout_rate`, and the survivors are retrained for ``epochs`` epochs with
     ``keep_pruned(optimizer(learning_rate * lr_scale), masks, weight_decay=weight_decay)`` (Han
     et al. retrain at 1/10 of the original rate; the L2 term is coupled, as in the paper). The
@@ -144,6 +187,16 @@ def prune_and_retrain(
         sensitivity. Exclusive with ``sparsity``.
       sparsity: the target pruned fraction per round, same forms as ``q``.
       scope: ``'layer'`` or ``'global'``, for ``sparsity``.
+      pattern: an N:M target (:func:`jaxprune.nm_masks`): one ``(n, m)`` pair for every round, a
+        sequence of ``rounds`` pairs or ``None`` (no projection that round), or a function of the
+        round index. Alone, each round keeps the ``n`` largest of every ``m`` survivors: ``(2,
+        4)`` with ``rounds=1`` is the usual one-shot N:M prune and retrain, and ``[(3, 4), (2,
+        4)]`` a gradual one. With ``q`` or ``sparsity``, the round's magnitude masks are
+        projected onto the pattern (which can only prune more), so ``sparsity=[0.3, 0.5],
+        pattern=[None, (2, 4)]`` runs Han's unstructured schedule and ends exactly 2:4. Since
+        pruned connections stay pruned, a round's masks satisfy its pattern exactly: at most
+        ``n`` per group, exactly ``n`` where no more were pruned before.
+      pattern_axis: the group axis (or ``{pattern: axis}``), as ``nm_masks``'s ``axis``.
       lr_scale: the retraining learning rate is ``learning_rate * lr_scale``.
       optimizer: ``optimizer(lr) -> GradientTransformation``; default SGD with momentum 0.9.
       weight_decay: the L2 coefficient (``>= 0``).
@@ -167,14 +220,17 @@ def prune_and_retrain(
 
     Yields:
       A :class:`RoundsState` after each round: ``round`` is the number of rounds done,
-      ``model_state`` the retrained model state, and ``history`` holds one :class:`RoundRecord` per round so far (q or sparsity, kept fraction per
-      prunable leaf and in total, mean train loss, metric, learning rate and dropout rates).
+      ``model_state`` the retrained model state, and ``history`` holds one :class:`RoundRecord`
+      per round so far (q or sparsity, kept fraction per prunable leaf and in total, mean train
+      loss, metric, learning rate, dropout rates and N:M pattern).
 
     Raises:
-      ValueError: on both or neither of ``q``/``sparsity``, a schedule of the wrong length,
+      ValueError: on both ``q`` and ``sparsity``, neither without a ``pattern``, a round with
+        none of them, a schedule of the wrong length, an invalid pattern (see ``nm_masks``),
         ``rounds`` or ``epochs`` below 1, a negative ``weight_decay``, a ``dropout`` kernel path
         that is not in the masks, an epoch without batches, or ``reestimate`` without a
         ``model_state``.
+      TypeError: if a round's pattern is not an ``(n, m)`` pair of ints.
 
     >>> import jax, jax.numpy as jnp
     >>> params = {'kernel': jax.random.normal(jax.random.key(0), (4, 3))}
@@ -184,8 +240,13 @@ def prune_and_retrain(
     ...                          learning_rate=0.1, sparsity=[0.5, 0.75])
     >>> [h.kept_total for h in list(runs)[-1].history]
     [0.5, 0.25]
+    >>> runs = prune_and_retrain(params, loss, lambda e: [x] * 5, lambda p: 0.0, rounds=1,
+    ...                          learning_rate=0.1, pattern=(1, 2))  # one-shot 1:2, retrained
+    >>> record = list(runs)[-1].history[-1]
+    >>> record.kept_total, record.pattern
+    (0.5, (1, 2))
     """
-    _check_driver_args(q, sparsity, rounds, epochs)
+    _check_driver_args(q, sparsity, pattern, rounds, epochs)
     if reestimate and model_state is None:
         raise ValueError(
             f"reestimate={reestimate} needs the statistics to re-estimate: pass model_state=."
@@ -201,11 +262,21 @@ def prune_and_retrain(
     for r in range(start.round, rounds):
         q_r = _schedule_value(q, r, rounds, name="q")
         s_r = _schedule_value(sparsity, r, rounds, name="sparsity")
+        p_r = _pattern_value(pattern, r, rounds)
         if q_r is not None:
             masks = compute_masks(params, q_r, previous=masks, where=where, stacked=stacked)
-        else:
+        elif s_r is not None:
             masks = masks_for_sparsity(
                 params, s_r, scope=scope, previous=masks, where=where, stacked=stacked
+            )
+        elif p_r is None:
+            raise ValueError(
+                f"round {r} has no pattern and neither q nor sparsity is given, so it would prune "
+                "nothing; give every round an (n, m) or pass q= or sparsity= as well."
+            )
+        if p_r is not None:  # projected onto N:M after the magnitude cut; pruned stays pruned
+            masks = nm_masks(
+                params, *p_r, axis=pattern_axis, previous=masks, where=where, stacked=stacked
             )
         params = apply_masks(params, masks)
         if tx is None:
@@ -254,6 +325,7 @@ def prune_and_retrain(
             metric=evaluate(params),
             learning_rate=lr,
             dropout_rates=rates,
+            pattern=p_r,
         )
         history = (*history, record)
         yield RoundsState(r + 1, params, masks, opt_state, history, model_state)
