@@ -103,7 +103,7 @@ class SparseApply:
             leaf if spec is None else jnp.zeros(spec.shape, spec.dtype)
             for leaf, spec in zip(leaves, self._zeros, strict=True)
         ]
-        return self._treedef.unflatten(full)
+        return jax.tree_util.tree_unflatten(self._treedef, full)
 
     def _forward(self, plan, layout_def, leaves, layout_leaves, x):
         self.traces += 1
@@ -171,7 +171,7 @@ class SparseApply:
             if call.path in self._stacked:
                 layout = jax.tree.map(lambda a: a[0], layout)
             times[fmt] = _median_time(jax.jit(functools.partial(call.run, fmt)), layout, lhs)
-        best = min(times, key=times.get)
+        best = min(times, key=times.__getitem__)
         return best if times[best] < 0.9 * times["dense"] else "dense"
 
     def _rule(self, calls: dict[tuple[str, str], Call]) -> dict[tuple[str, str], str]:
@@ -234,7 +234,7 @@ class SparseApply:
             fn = jax.jit(lambda x: forward(leaves, layout_leaves, x))
         else:
             jitted = jax.jit(forward)
-            fn = lambda x: jitted(self._leaves, layout_leaves, x)  # noqa: E731
+            fn = lambda x: jitted(self._leaves, layout_leaves, x)  # type: ignore[assignment]  # noqa: E731
         keys = frozenset(_layout_key(calls[use], fmt) for use, fmt in plan.items())
         self._prepared[key] = _Prepared(plan, layout_leaves, fn, keys)
         used = set().union(*(prepared.keys for prepared in self._prepared.values()))

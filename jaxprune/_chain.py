@@ -107,9 +107,9 @@ def _read_layer(name: str, leaves: dict[str, Any], all_paths: list[str]) -> _Lay
         )
     bias = leaves.get("bias")
     if bias is not None and (not is_array(bias) or tuple(bias.shape) != (kernel.shape[-1],)):
-        got = tuple(bias.shape) if is_array(bias) else type(bias).__name__
+        bias_got = tuple(bias.shape) if is_array(bias) else type(bias).__name__
         raise ValueError(
-            f"params[{name + '/bias'!r}] has shape {got}, expected ({kernel.shape[-1]},) to match "
+            f"params[{name + '/bias'!r}] has shape {bias_got}, expected ({kernel.shape[-1]},) to match "
             f"the {kernel.shape[-1]} outputs of {name + '/kernel'!r}."
         )
     return _Layer(
@@ -216,7 +216,10 @@ def _gather(chain: Sequence[_Layer], params: PyTree, masks: PyTree | None) -> _C
     def mask(path: str) -> np.ndarray:
         return np.array(m[path], dtype=bool) if path in m else np.ones(p[path].shape, bool)
 
-    kernels, biases, kmasks, bmasks = [], [], [], []
+    kernels: list[np.ndarray] = []
+    kmasks: list[np.ndarray] = []
+    biases: list[np.ndarray | None] = []
+    bmasks: list[np.ndarray | None] = []
     for layer in chain:
         km = mask(layer.kernel)
         kernels.append(np.where(km, np.asarray(p[layer.kernel]), 0).astype(p[layer.kernel].dtype))

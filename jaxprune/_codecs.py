@@ -123,7 +123,7 @@ class Stream(NamedTuple):
     """A checked stream entry: ``count`` items of ``dtype`` stored as ``len(parts)`` byte planes."""
 
     dtype: np.dtype
-    count: int
+    count: int  # type: ignore[assignment]  # a field named like tuple.count
     parts: tuple[Part, ...]
 
 
@@ -230,6 +230,7 @@ def _inflate(codec: str, pieces: Iterable[bytes], size: int, what: str) -> Itera
     decompress to more than it declares stops one byte past it.
     """
     is_zlib = codec == "zlib"
+    d: Any
     if is_zlib:
         d = zlib.decompressobj(-15)
     else:
@@ -303,7 +304,7 @@ def _gap_tokens(flat: np.ndarray, dtype: type) -> np.ndarray:
     gaps = np.diff(flat, prepend=-1) - 1
     escapes = gaps // top
     ends = np.cumsum(escapes + 1) - 1
-    tokens = np.full(int(ends[-1]) + 1 if flat.size else 0, top, dtype)
+    tokens: np.ndarray = np.full(int(ends[-1]) + 1 if flat.size else 0, top, dtype)
     tokens[ends] = gaps % top
     return tokens
 
@@ -396,7 +397,7 @@ def _parse_index(entry: Any, nnz: int, size: int, what: str) -> tuple[str, Strea
     if encoding == "bitmask":
         counts = ((size + 7) // 8,) * 2
     else:  # one token per entry, plus at most one escape per `top` positions skipped
-        counts = (nnz, nnz + max(size - 1, 0) // int(np.iinfo(dtype).max))
+        counts = (nnz, nnz + max(size - 1, 0) // int(np.iinfo(dtype.type).max))
     return encoding, _parse_stream(entry["stream"], dtype, counts, f"{what}: index stream")
 
 

@@ -131,7 +131,7 @@ class _Step(NamedTuple):
     """A layer's ``step`` and ``index(placeholder)``, which checks the placeholder it got."""
 
     fn: _products.Step
-    index: Callable[[Any], Any]
+    index: Callable[[Any], Any]  # type: ignore[assignment]  # a field named like tuple.index
 
 
 def _linen_index(module: nn.Module, path: str, name: str, kernels: Kernels) -> Callable:
@@ -142,7 +142,7 @@ def _linen_index(module: nn.Module, path: str, name: str, kernels: Kernels) -> C
         if path not in kernels.stacked:
             _whole_check(path, shape, seen)
             return None
-        slice_index = module.get_variable("params", name + SLICE)
+        slice_index: Any = module.get_variable("params", name + SLICE)
         if np.ndim(slice_index) != 0 or seen != shape[1:]:
             raise _slice_error(path, shape, f"a kernel of shape {seen}")
         return slice_index
@@ -183,7 +183,7 @@ def linen_runner(
         module_path, name = split_path(path)
         owned.setdefault(module_path, set()).add(name)
 
-    def run(tree: PyTree, step_for: Callable, x: jax.Array) -> jax.Array:
+    def run(tree: PyTree, step_for: Callable, x: jax.Array) -> Any:
         def interceptor(next_fun, args, kwargs, context):
             module = context.module
             module_path = "/".join(module.path)
@@ -228,7 +228,7 @@ def linen_runner(
 def _linen_einsum(module: nn.Einsum, path, shape, step: _Step, inputs, einsum_str=None):
     """``nn.Einsum.__call__`` with the sparse kernel (Linen's Einsum has no product hook)."""
     equation = nn.merge_param("einsum_str", module.einsum_str, einsum_str).replace(" ", "")
-    kernel = module.get_variable("params", "kernel")
+    kernel: Any = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     hook = _products.einsum(path, shape, step.fn, step.index)
@@ -276,7 +276,7 @@ def _exact_limit(module: Any, dtype: Any) -> int:
 def _install(kind: str, module: Any, path: str, shape: tuple, step: _Step) -> None:
     """Puts the stand-in for ``kind`` on a module of the merged NNX copy."""
     if kind == "embed":
-        module.__class__ = _sparse_embed_class(type(module))
+        module.__class__ = _sparse_embed_class(type(module))  # type: ignore[arg-type]
         # Takes the module as an argument: nnx.scan may rebuild it from the graph.
         module.jaxprune_embed = lambda mod, method, x: _embed(
             method, path, shape, step, mod.embedding[...], _nnx_promote(mod), mod.dtype, x
@@ -325,15 +325,16 @@ def nnx_runner(
     model: nnx.Module, exported: PyTree, kernels: Kernels, dtypes: Mapping[str, Any], apply_kwargs
 ) -> tuple[PyTree, Callable]:
     """The states to pass, and ``run(states, step_for, x)`` calling a hooked copy of ``model``."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]  # stub: 2 states
     modules = _nnx_check(model, params, exported)
-    kinds = {}
+    kinds: dict[str, str] = {}
     for path in kernels.shapes:
         module_path, name = split_path(path)
         module = modules.get(module_path)
-        kinds[path] = hook_kind(module, {name})
-        if kinds[path] is None:
+        kind = hook_kind(module, {name})
+        if kind is None:
             raise _unsupported(module_path, module, {name})
+        kinds[path] = kind
         if path in kernels.stacked and kernels.shapes[path][0] > _exact_limit(module, dtypes[path]):
             raise ValueError(
                 f"exported[{path!r}] stacks {kernels.shapes[path][0]} layers, more than the "

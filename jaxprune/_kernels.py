@@ -18,7 +18,7 @@ argument. :func:`matmul` computes ``x @ W`` for ``x`` of shape ``(rows, K)`` in 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,8 @@ MIN_SPARSE_SIZE = 4096  # tinier layers cost less than the bookkeeping either wa
 # of a dense take on 32000x512 tables at 3% and 10% kept and a 1000x64 one at 30% (2 cores).
 LOOKUP_FORMAT = "dense"
 
+K = TypeVar("K")  # a product's key in choose_plan: a path, or (path, use)
+
 
 class Entries(NamedTuple):
     """The kept entries of an N-D kernel: their ``indices`` (``nse x ndim``) and values."""
@@ -69,7 +71,8 @@ class Entries(NamedTuple):
         a product contracting axes ``contract`` of the kernel is ``x2d @ matrix``.
         """
         free = tuple(a for a in range(len(self.shape)) if a not in contract)
-        return (*(self._ravel(axes) for axes in (contract, free)), self.vals, self.matrix(contract))
+        rows, cols = self._ravel(contract), self._ravel(free)
+        return rows, cols, self.vals, self.matrix(contract)
 
     def matrix(self, contract: tuple[int, ...]) -> tuple[int, int]:
         """The ``(K, N)`` shape of :meth:`view`."""
@@ -149,7 +152,9 @@ def layout_size(fmt: str, cols: np.ndarray, n_out: int) -> int:
     return cols.size
 
 
-def build_stacked(fmt: str, parts: list[tuple], shape: tuple) -> Layout:
+def build_stacked(
+    fmt: str, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], shape: tuple[int, int]
+) -> Layout:
     """Layout ``fmt`` of each ``(rows, cols, vals)`` matrix of ``shape``, padded alike and stacked.
 
     Every array of the result has a leading axis over ``parts``; index it with
@@ -229,7 +234,7 @@ def choose(density: float, rows: int, shape: tuple[int, int]) -> str:
     return "dense"
 
 
-def choose_plan(layers: dict[str, tuple[float, int, tuple[int, int]]]) -> dict[str, str]:
+def choose_plan(layers: dict[K, tuple[float, int, tuple[int, int]]]) -> dict[K, str]:
     """The default rule for a whole model: ``{path: (density, rows, shape)}`` to ``{path: format}``.
 
     Per layer :func:`choose`, except below ``SMALL_BATCH_ROWS`` rows: there, in a network whose

@@ -201,7 +201,7 @@ class _Leaf(NamedTuple):
     dtype: np.dtype
     nnz: int
     values: Values
-    index: tuple[str, Stream] | None = None
+    index: tuple[str, Stream] | None = None  # type: ignore[assignment]  # like tuple.index
     index_dtype: np.dtype | None = None
     flags: dict[str, bool] | None = None
 
@@ -291,6 +291,7 @@ def _decode_leaf(read: Read, leaf: _Leaf) -> Any:
         values = _decode_values(read, leaf.values, leaf.dtype, leaf.nnz, what).reshape(leaf.shape)
         # Without jax_enable_x64, jax would cut a 64-bit leaf to 32 bits; numpy keeps it.
         return jax.device_put(values) if _jax_dtype(leaf.dtype) == leaf.dtype else values
+    assert leaf.index is not None and leaf.index_dtype is not None  # _parse_leaf: sparse has both
     indices = _aligned_empty((leaf.nnz, len(leaf.shape)), leaf.index_dtype)
     start = 0
     for flat in _positions(read, *leaf.index, leaf.nnz, math.prod(leaf.shape), what):
@@ -298,7 +299,7 @@ def _decode_leaf(read: Read, leaf: _Leaf) -> Any:
         start += flat.size
     values = _decode_values(read, leaf.values, leaf.dtype, leaf.nnz, what)
     data = (jax.device_put(values), jax.device_put(indices))
-    return BCOO(data, shape=leaf.shape, **leaf.flags)
+    return BCOO(data, shape=leaf.shape, **(leaf.flags or {}))
 
 
 # ----------------------------------------------------------------------------- tree structure

@@ -57,10 +57,10 @@ def running_average(
     run: Callable, model_state: PyTree, batches: Iterable[Any], *args: Any
 ) -> PyTree:
     """Averages the batch values that ``run`` (a :func:`probe`) solves for over ``batches``."""
-    total, n, frozen = None, 0, None
+    total, n, frozen = None, 0, []
     for batch in batches:
         values, (mean_m, spread), unchanged = run(model_state, batch, *args)
-        if frozen is None:
+        if n == 0:
             frozen = [bool(u) for u in jax.tree.leaves(unchanged)]
             for (path, m), s, still in zip(
                 leaves_with_paths(mean_m), jax.tree.leaves(spread), frozen, strict=True

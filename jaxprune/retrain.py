@@ -199,7 +199,7 @@ def _reseed(model: nnx.Module, rng: jax.Array) -> None:
 
 def _state_of(model: nnx.Module) -> nnx.State:
     """The state that is neither Param nor RNG: BatchNorm statistics, caches, custom Variables."""
-    return nnx.split(model, nnx.Param, nnx.RngState, ...)[3]
+    return nnx.split(model, nnx.Param, nnx.RngState, ...)[3]  # type: ignore[misc]  # nnx.split's stub types only two states
 
 
 def nnx_loss(
@@ -248,7 +248,7 @@ def nnx_loss(
     >>> bool(loss(params, jnp.ones((1, 2)), jax.random.key(0)) == jnp.sum(model(jnp.ones((1, 2))))), state
     (True, None)
     """
-    graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)  # type: ignore[misc]  # nnx.split's stub types only two states
 
     def loss(
         params: nnx.State,

@@ -44,7 +44,7 @@ from jaxprune._manifest import (
 try:
     import fcntl
 except ImportError:  # Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "LeafReport", "SaveReport", "load", "save"]
 

@@ -149,7 +149,8 @@ def _shrink_link(c: _Chain, i: int, act: Activation, conv_next: bool) -> bool:
     """Removes the dead units between layer ``i`` and ``i + 1``; says whether anything changed."""
     kernel, nxt = c.kernels[i], c.kernels[i + 1]
     n = kernel.shape[-1]
-    bias = c.biases[i] if c.biases[i] is not None else np.zeros(n, kernel.dtype)
+    own_bias = c.biases[i]
+    bias = own_bias if own_bias is not None else np.zeros(n, kernel.dtype)
     has_in = (kernel.reshape(-1, n) != 0).any(axis=0)
     outgoing = _unit_major(nxt, n, conv_next)
     has_out = (outgoing != 0).any(axis=(1, 2))
@@ -167,6 +168,7 @@ def _shrink_link(c: _Chain, i: int, act: Activation, conv_next: bool) -> bool:
     if fold.any():
         contribution = np.einsum("n,npm->m", const * fold, outgoing.astype(np.float64))
         nb = c.biases[i + 1]
+        assert nb is not None  # fold implies foldable
         c.biases[i + 1] = (nb.astype(np.float64) + contribution).astype(nb.dtype)
     if spare:
         changed |= _make_inert(c, i, conv_next)
@@ -174,9 +176,9 @@ def _shrink_link(c: _Chain, i: int, act: Activation, conv_next: bool) -> bool:
         keep = ~remove
         c.kernels[i] = c.kernels[i][..., keep]
         c.kernel_masks[i] = c.kernel_masks[i][..., keep]
-        if c.biases[i] is not None:
-            c.biases[i] = c.biases[i][keep]
-            c.bias_masks[i] = c.bias_masks[i][keep]
+        b, bm = c.biases[i], c.bias_masks[i]
+        if b is not None and bm is not None:
+            c.biases[i], c.bias_masks[i] = b[keep], bm[keep]
         c.kernels[i + 1] = _take_inputs(c.kernels[i + 1], keep, n, conv_next)
         c.kernel_masks[i + 1] = _take_inputs(c.kernel_masks[i + 1], keep, n, conv_next)
     return changed
@@ -185,20 +187,20 @@ def _shrink_link(c: _Chain, i: int, act: Activation, conv_next: bool) -> bool:
 def _make_inert(c: _Chain, i: int, conv_next: bool) -> bool:
     """Zeroes (and masks out) unit 0's inputs, bias and outputs; says whether it was not yet so."""
     n = c.kernels[i].shape[-1]
+    b, bm = c.biases[i], c.bias_masks[i]
     before = (
         c.kernels[i][..., 0].any()
-        or (c.biases[i] is not None and c.biases[i][0] != 0)
+        or (b is not None and b[0] != 0)
         or _unit_major(c.kernels[i + 1], n, conv_next)[0].any()
     )
     for arrays, zero in ((c.kernels, 0), (c.kernel_masks, False)):
         arrays[i] = arrays[i].copy()
         arrays[i][..., 0] = zero
         arrays[i + 1] = _set_inputs(arrays[i + 1], 0, n, conv_next, zero)
-    if c.biases[i] is not None:
-        c.biases[i] = c.biases[i].copy()
-        c.biases[i][0] = 0
-        c.bias_masks[i] = c.bias_masks[i].copy()
-        c.bias_masks[i][0] = False
+    if b is not None and bm is not None:
+        b, bm = b.copy(), bm.copy()
+        b[0], bm[0] = 0, False
+        c.biases[i], c.bias_masks[i] = b, bm
     return bool(before)
 
 
@@ -376,8 +378,9 @@ def neuron_masks(
         order = np.argsort(_scores(c, i, conv_next, score), kind="stable")
         pruned = order[: math.floor(f * n + 0.5)]
         c.kernel_masks[i][..., pruned] = False
-        if c.bias_masks[i] is not None:
-            c.bias_masks[i][pruned] = False
+        bias_mask = c.bias_masks[i]
+        if bias_mask is not None:
+            bias_mask[pruned] = False
         c.kernel_masks[i + 1] = _set_inputs(c.kernel_masks[i + 1], pruned, n, conv_next, False)
 
     new: dict[str, Any] = {}
