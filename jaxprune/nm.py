@@ -1,10 +1,11 @@
 """N:M structured sparsity: in every group of ``m`` consecutive weights, keep the ``n`` largest.
 
 An N:M mask is what sparse matrix units consume: NVIDIA's sparse tensor cores (Ampere and later,
-through cuSPARSELt or cuBLASLt, TensorRT) multiply 2:4 (also 1:2 for float32) operands at up to
-twice the dense rate, and some other accelerators take 2:4 or 4:8 operands. XLA on CPU does
-not: there an N:M mask is just unstructured sparsity, so it saves bytes once exported with
-:func:`jaxprune.to_bcoo` or :func:`jaxprune.save`, but gives no speed-up by itself.
+reached through cuSPARSELt or TensorRT) multiply 2:4 operands (1:2 for TF32) at up to twice the
+dense rate, and AMD's CDNA 3 matrix cores take 2:4 too. A masked dense product runs at dense
+speed on every XLA backend (JAX has no public N:M matmul), so using those units takes a kernel
+outside XLA. On CPU there are none: an N:M mask is just unstructured sparsity there, which saves
+bytes once exported with :func:`jaxprune.to_bcoo` or :func:`jaxprune.save`, and no time.
 
 The groups run along a kernel's input (contracting) axis, the axis the hardware compresses: axis
 0 of a Dense kernel ``(in, out)``, the in-channel axis ``-2`` of a Conv kernel ``(h, w, in,
@@ -176,7 +177,7 @@ def nm_masks(
 
     2:4 is the pattern of NVIDIA's sparse tensor cores (Ampere and later, via cuSPARSELt); XLA on
     CPU has no N:M kernels, so there the mask saves storage (:func:`jaxprune.to_bcoo`,
-    :func:`jaxprune.save`) but not time. ``n`` and ``m`` are static: under ``jax.jit`` pass them
+    :func:`jaxprune.save`) but not time (see the module docstring). ``n`` and ``m`` are static: under ``jax.jit`` pass them
     as static arguments; the weights may be traced. Stacked leaves (``stacked=``) need nothing
     special, since groups never span layers; their stacking axis cannot be the group axis.
 
