@@ -96,7 +96,10 @@ def _axis_of(spec: AxisSpec, path: str, shape: tuple[int, ...]) -> int:
     if isinstance(spec, Mapping):
         hits = [k for k in spec if path_matches(path, k)]
         if len(hits) > 1:
-            raise ValueError(f"axis has several patterns {hits} matching params[{path!r}].")
+            raise ValueError(
+                f"axis has several patterns {hits} matching params[{path!r}]; keep one, or name "
+                "the leaf by its full path."
+            )
         if not hits:
             return default_axis(path, ndim)
         axis, name = spec[hits[0]], f"axis[{hits[0]!r}]"
@@ -184,7 +187,8 @@ def nm_masks(
     Args:
       params: a Linen params dict, an NNX ``nnx.state(model, nnx.Param)`` or any pytree.
       n: weights kept per group, ``1 <= n <= m``.
-      m: the group size; it must divide the length of every prunable leaf along its axis.
+      m: the group size; it must divide the length of every prunable leaf along its axis. The
+        ``m`` comparisons per weight are unrolled, so keep it to a few dozen.
       axis: the axis the groups run along. Default: the input axis of each leaf, ``-2`` (axis 0
         of a Dense kernel ``(in, out)``, the in-channels of a Conv kernel ``(h, w, in, out)``),
         ``0`` for a 1-D leaf, and ``-1`` (the features) for an ``embedding`` table (see
