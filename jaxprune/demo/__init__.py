@@ -7,6 +7,8 @@ bars and tables, plots) come with ``pip install 'jaxprune[demo]'``.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -27,15 +29,30 @@ def missing_dependencies() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``jaxprune`` command: one line and exit status 2 when a demo dependency is missing."""
-    missing = missing_dependencies()
-    if missing:
-        print(
-            f"jaxprune: the command needs {', '.join(missing)}; install it with "
-            "pip install 'jaxprune[demo]'",
-            file=sys.stderr,
-        )
-        return 2
-    from jaxprune.demo.cli import main as cli_main
+    """The ``jaxprune`` command: one line and exit status 2 when a demo dependency is missing.
 
-    return cli_main(argv)
+    Run as the command (``argv`` None), Ctrl-C ends the process with status 130 at once
+    (``os._exit``): XLA may still be compiling on its own threads, and the interpreter's teardown
+    under them crashed with SIGSEGV. The checkpoints are written atomically, so nothing is lost.
+    """
+    try:
+        missing = missing_dependencies()
+        if missing:
+            print(
+                f"jaxprune: the command needs {', '.join(missing)}; install it with "
+                "pip install 'jaxprune[demo]'",
+                file=sys.stderr,
+            )
+            return 2
+        from jaxprune.demo.cli import main as cli_main
+
+        status = cli_main(argv)
+    except KeyboardInterrupt:  # while importing, before the command's own handler is in place
+        print("interrupted", file=sys.stderr)
+        status = 130
+    if status == 130 and argv is None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not print a traceback
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return status

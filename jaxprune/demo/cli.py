@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from jaxprune.analysis import accuracy, plot_history, plot_sensitivity, plot_weight_histogram
-from jaxprune.analysis import sensitivity as sensitivity_scan
-from jaxprune.demo import checkpoints, recipes, run
-from jaxprune.demo.checkpoints import Checkpoints
+from jaxprune.analysis import accuracy
+from jaxprune.demo import checkpoints, recipes, report, run
+from jaxprune.demo.checkpoints import CheckpointError, Checkpoints, OutLock
 from jaxprune.demo.data import DataError, load_dataset
 from jaxprune.demo.models import count_params
 from jaxprune.demo.recipes import Config, ConfigError
@@ -42,17 +40,24 @@ DEMO = Config(
     batch_size=64,
 )
 
-# The scan costs (layers x grid) evaluations: a 2,000-image slice of the test set keeps it short.
-SENSITIVITY_IMAGES = 2000
+
+class _UsageError(Exception):
+    """A command line argparse cannot parse; :func:`main` prints it as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own prints the whole usage first
+        raise _UsageError(f"{message} ({self.prog} --help lists the options)")
 
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
 
 
 def _scales(text: str) -> tuple[tuple[str, float], ...]:
@@ -66,7 +71,7 @@ def _scales(text: str) -> tuple[tuple[str, float], ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxprune", description="Prune LeNets the way Han et al. 2015 did, with JAX."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--dropout", type=float, help="dropout on the later dense layers' inputs")
         p.add_argument("--seed", type=int)
         p.add_argument("--out", type=Path, default=Path(out), help="output folder")
+        p.add_argument(
+            "--overwrite", action="store_true", help="replace another run's files in --out"
+        )
 
     def pruning(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -182,8 +190,10 @@ class _Bars:
         self.progress.update(task, advance=1, note=note)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
+def _diverged(phase: str, epoch: int, loss: float, fix: str) -> None:
+    """Stops a run whose loss is no longer finite, before anything of it is saved."""
+    if not math.isfinite(loss):
+        raise ConfigError(f"{phase} diverged (mean loss {loss} in epoch {epoch + 1}); lower {fix}.")
 
 
 def _dense(config: Config, data: Any, ckpt: Checkpoints, console: Console, resume: bool):
@@ -192,14 +202,14 @@ def _dense(config: Config, data: Any, ckpt: Checkpoints, console: Console, resum
     if found is not None:
         console.print(f"dense model taken from {ckpt.dir}")
         return found
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        _diverged("dense training", epoch, loss, "{lr}")
+        bars.advance(task, f"loss {loss:.4f}")
+
     with _Bars(console) as bars:
         task = bars.add("dense training", config.epochs)
-        params = run.train_dense(
-            config,
-            data,
-            run.init_params(config, data),
-            on_epoch=lambda e, loss: bars.advance(task, f"loss {loss:.4f}"),
-        )
+        params = run.train_dense(config, data, run.init_params(config, data), on_epoch=on_epoch)
     error = 1.0 - accuracy(run.make_eval(config), params, data.x_test, data.y_test)
     ckpt.save_dense(params, error)
     return params, error
@@ -212,120 +222,78 @@ def _rounds(config: Config, data: Any, params: Any, ckpt: Checkpoints, console: 
         console.print(f"resuming after round {state.round} of {config.rounds}")
         if state.round >= config.rounds:
             return state
+
+    def on_epoch(r: int, epoch: int, loss: float) -> None:
+        _diverged(f"round {r + 1}'s retraining", epoch, loss, "{retrain_lr_scale} or {lr}")
+        bars.advance(tasks[r], f"loss {loss:.4f}")
+
     with _Bars(console) as bars:
         tasks = {
             r: bars.add(f"round {r + 1}/{config.rounds}", config.retrain_epochs)
             for r in range(state.round if state else 0, config.rounds)
         }
-        on_epoch = lambda r, e, loss: bars.advance(tasks[r], f"loss {loss:.4f}")  # noqa: E731
         for done in run.rounds(config, data, params, resume=state, on_epoch=on_epoch):
             ckpt.save_round(done)
-            state, rec = done, done.history[-1]
-            layers = "  ".join(f"{p.split('/')[0]} {_pct(k)}" for p, k in rec.kept.items())
-            if rec.q is None:
-                rule = f"keep={1 - rec.sparsity:g}"
-            elif isinstance(rec.q, dict):
-                rule = "q=" + ", ".join(f"{k} {v:g}" for k, v in rec.q.items())
-            else:
-                rule = f"q={rec.q:g}"
-            bars.progress.console.print(
-                f"round {rec.round + 1}: {rule}  kept {_pct(rec.kept_total)}  ({layers})  "
-                f"error {_pct(1 - rec.metric)}"
-            )
+            state = done
+            bars.progress.console.print(report.round_line(done.history[-1], config))
     return state
 
 
-def _layer_table(config: Config, summary: Any, last: Any) -> Table:
-    """Han et al. 2015, Table 2 style: per layer weights, kept %, the q used, and the paper's."""
-    paper = recipes.PAPER[config.model]["kept"] if config.data_dir else {}
-    table = Table(title="Per-layer pruning (Han et al. 2015, Table 2 style)")
-    for col in ("layer", "weights", "kept", "kept %", "q (last round)", "paper kept %"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
-    for row in summary.rows:
-        layer = row.path.split("/")[0]
-        table.add_row(
-            row.path,
-            f"{row.total:,}",
-            f"{row.kept:,}",
-            _pct(row.kept_fraction),
-            f"{checkpoints.q_of(last, layer):g}" if last.q is not None else "-",
-            f"{100 * paper[layer]:.0f}%" if layer in paper else "-",
+def _claim(ckpt: Checkpoints, *, resume: bool, overwrite: bool, console: Console) -> None:
+    """Refuses an --out holding another run's files, unless resuming it or told to overwrite."""
+    found = ckpt.files()
+    if overwrite and found:
+        ckpt.clear()
+        console.print(f"--overwrite: removed {len(found)} files of the earlier run in {ckpt.out}")
+    elif found and not resume:
+        names = ", ".join(str(p.relative_to(ckpt.out)) for p in found[:3])
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise CheckpointError(
+            f"{ckpt.out} holds another run's files ({names}{more}); pass --resume to continue "
+            "it, --overwrite to replace it, or choose another --out."
         )
-    table.add_row(
-        "total", f"{summary.total:,}", f"{summary.kept:,}", _pct(summary.kept_fraction), "", ""
-    )
-    return table
-
-
-def _plots(config: Config, out: Path, dense: Any, final: Any, history: list[dict]) -> list[Path]:
-    layer = "fc1"
-    return [
-        plot_weight_histogram(
-            np.asarray(dense[layer]["kernel"]),
-            np.asarray(final[layer]["kernel"]),
-            out / "weights_fc1.png",
-            title=f"{config.model} {layer}: before pruning and after the last retraining",
-        ),
-        plot_history(history, out / "rounds.png", title=f"{config.model}: kept % and accuracy"),
-    ]
-
-
-def _sensitivity(config: Config, data: Any, params: Any, out: Path, grid, console) -> dict:
-    qs = grid or (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
-    n = min(len(data.x_test), SENSITIVITY_IMAGES)
-    with console.status(f"sensitivity scan on {n:,} test images (one compiled call)"):
-        result = sensitivity_scan(
-            run.make_eval(config), params, data.x_test[:n], data.y_test[:n], qs=qs
-        )
-    table = Table(title="Sensitivity: one layer pruned, no retraining (Han et al. 2015, Fig. 6)")
-    table.add_column("q", justify="right")
-    for layer in result.layers:
-        table.add_column(f"{layer.split('/')[0]} kept / acc", justify="right")
-    for j, q in enumerate(result.grid):
-        cells = [
-            f"{_pct(result.kept_fraction[i, j])} / {_pct(result.accuracy[i, j])}"
-            for i in range(len(result.layers))
-        ]
-        table.add_row(f"{q:g}", *cells)
-    console.print(table)
-    plot_sensitivity(result, out / "sensitivity.png", title=f"{config.model} sensitivity")
-    return {"baseline_accuracy": result.baseline, "rows": result.rows()}
 
 
 def _pipeline(args: argparse.Namespace, console: Console) -> int:
     config = _config(args)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out, --overwrite replaces it: pick one.")
     if args.structured is not None:
         run.check_structured(config, args.structured)
     out: Path = args.out
     started = time.perf_counter()
     data = load_dataset(config.data_dir)
-    ckpt = Checkpoints(out)
-    if args.resume:
-        ckpt.check_config(config)
-    ckpt.save_config(config)
+    run.check_q_scale(config, data)
+    with OutLock(out):
+        ckpt = Checkpoints(out, checkpoints.run_identity(config, data))
+        _claim(ckpt, resume=args.resume, overwrite=args.overwrite, console=console)
+        return _stages(args, config, data, ckpt, console, started)
+
+
+def _stages(args, config: Config, data: Any, ckpt: Checkpoints, console: Console, started) -> int:
+    out = ckpt.out
     console.print(
         f"[bold]{config.model}[/] on {data.name}: {len(data.x_train):,} train / "
         f"{len(data.x_test):,} test images of {data.x_train.shape[1:]}; output in {out}"
     )
-
     dense, base_error = _dense(config, data, ckpt, console, args.resume)
-    console.print(f"dense: {count_params(dense):,} parameters, test error {_pct(base_error)}")
+    console.print(f"dense: {count_params(dense):,} parameters, test error {report.pct(base_error)}")
     state = _rounds(config, data, dense, ckpt, console, args.resume)
-    history = [checkpoints.record_dict(r) for r in state.history]
-    final_error = 1.0 - state.history[-1].metric
+    history = [report.history_entry(r, config) for r in state.history]
     summary = summarize(state.params, state.masks)
-    console.print(_layer_table(config, summary, state.history[-1]))
+    console.print(report.layer_table(config, summary, state.history[-1]))
 
     sizes = run.export(state.params, state.masks, out / "model.jaxprune")
     results: dict[str, Any] = {
         "config": dataclasses.asdict(config),
+        "run_sha256": ckpt.run_hash,
         "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
         "dense_error": base_error,
-        "pruned_error": final_error,
-        "parameters": summary.total,
-        "kept": summary.kept,
+        "pruned_error": 1.0 - state.history[-1].metric,
+        "weights": summary.total,
+        "weights_kept": summary.kept,
         "kept_fraction": summary.kept_fraction,
-        "kept_per_layer": {r.path: r.kept_fraction for r in summary.rows},
+        "kept_fraction_per_layer": {r.path: r.kept_fraction for r in summary.rows},
         "compression": summary.total / max(summary.kept, 1),
         "history": history,
         **sizes,
@@ -342,17 +310,14 @@ def _pipeline(args: argparse.Namespace, console: Console) -> int:
         with console.status(f"structured: pruning {args.structured:.0%} of hidden neurons"):
             results["structured"] = run.structured(config, data, dense, args.structured)
         console.print(run.structured_line(results["structured"]))
-    curve = [{"round": 0, "kept_fraction": 1.0, "accuracy": 1.0 - base_error}] + [
-        {"round": h["round"] + 1, "kept_fraction": h["kept_total"], "accuracy": h["metric"]}
-        for h in history
-    ]
-    plots = _plots(config, out, dense, state.params, curve)
+    curve = [{"round": 0, "kept_fraction": 1.0, "accuracy": 1.0 - base_error}, *history]
+    plots = report.plots(config, out, dense, state.params, curve)
     if args.sensitivity:
-        results["sensitivity"] = _sensitivity(config, data, dense, out, None, console)
+        results["sensitivity"] = report.sensitivity(config, data, dense, out, None, console)
         plots.append(out / "sensitivity.png")
     results["wall_seconds"] = time.perf_counter() - started
     checkpoints.write_json(out / "results.json", results)
-    console.print(_table1(results))
+    console.print(report.table1(results))
     console.print(
         f"wrote {out / 'results.json'}, {out / 'model.jaxprune'}, "
         + ", ".join(str(p) for p in plots)
@@ -360,44 +325,66 @@ def _pipeline(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _table1(results: dict) -> str:
-    """Han et al. 2015, Table 1 style: one line of the whole result."""
-    timing = results.get("inference", {})
-    speed = ", ".join(f"batch {b} {t['ratio']:.2f}x" for b, t in timing.items()) or "not timed"
-    return (
-        f"[bold]error {_pct(results['dense_error'])} -> {_pct(results['pruned_error'])}[/]   "
-        f"parameters {results['parameters']:,} -> {results['kept']:,} "
-        f"({results['compression']:.1f}x fewer)   file {results['file_bytes']:,} B vs dense .npz "
-        f"{results['dense_npz_bytes']:,} B ({results['file_ratio']:.1f}x smaller)   "
-        f"sparse/dense time: {speed}"
-    )
-
-
 def _sensitivity_command(args: argparse.Namespace, console: Console) -> int:
     config = _config(args)
-    data = load_dataset(args.data_dir)
-    ckpt = Checkpoints(args.out)
-    dense, error = _dense(config, data, ckpt, console, resume=True)
-    console.print(f"dense {config.model} on {data.name}: test error {_pct(error)}")
-    result = _sensitivity(config, data, dense, args.out, args.grid, console)
-    checkpoints.write_json(args.out / "sensitivity.json", result)
-    console.print(f"wrote {args.out / 'sensitivity.json'}, {args.out / 'sensitivity.png'}")
+    if args.grid is not None and not all(q >= 0 for q in args.grid):
+        raise ConfigError(f"--grid values must be >= 0, got {args.grid}.")
+    data = load_dataset(config.data_dir)
+    out: Path = args.out
+    with OutLock(out):
+        ckpt = Checkpoints(out, checkpoints.run_identity(config, data))
+        if args.overwrite:
+            _claim(ckpt, resume=False, overwrite=True, console=console)
+        found = ckpt.load_dense(dense_only=True)
+        if found is None:
+            _claim(ckpt, resume=False, overwrite=False, console=console)
+            found = _dense(config, data, ckpt, console, resume=False)
+        else:
+            console.print(f"dense model taken from {ckpt.dir}")
+        dense, error = found
+        console.print(f"dense {config.model} on {data.name}: test error {report.pct(error)}")
+        result = report.sensitivity(config, data, dense, out, args.grid, console)
+        checkpoints.write_json(out / "sensitivity.json", result)
+    console.print(f"wrote {out / 'sensitivity.json'}, {out / 'sensitivity.png'}")
     return 0
 
 
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _fail(message: str) -> int:
+    print(f"jaxprune: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (2 for bad input, 130 on Ctrl-C)."""
-    args = _parser().parse_args(argv)
-    console = Console()
+    """Runs the command line; returns the exit status (2 for bad input, 130 on Ctrl-C).
+
+    Every failure it foresees is one line on stderr, ``jaxprune: error: ...``, and status 2; the
+    checkpoints written before it stay as they were.
+    """
     try:
+        args = _parser().parse_args(argv)
+        console = Console()
         if args.command == "sensitivity":
             return _sensitivity_command(args, console)
         return _pipeline(args, console)
-    except (DataError, ConfigError, FileFormatError) as e:
-        console.print(f"jaxprune: error: {e}", markup=False, highlight=False)
-        return 2
+    except _UsageError as e:
+        return _fail(str(e))
+    except ConfigError as e:
+        return _fail(e.render(_flag))
+    except (DataError, FileFormatError) as e:
+        return _fail(str(e))
+    except OSError as e:  # a full disk, a read-only --out, an --out under a file, ...
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e} (--out must be a folder with room to write in).")
     except KeyboardInterrupt:
-        console.print("interrupted: finished rounds are checkpointed; rerun with --resume")
+        print(
+            "interrupted: finished rounds are checkpointed; rerun with --resume",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
 
 

@@ -157,6 +157,9 @@ def _assemble(parts: dict[str, np.ndarray], sources: dict[str, str], name: str) 
         )
     y_train = _labels(parts["y_train"], len(x_train), sources["y_train"])
     y_test = _labels(parts["y_test"], len(x_test), sources["y_test"])
+    for split, x in (("x_train", x_train), ("x_test", x_test)):
+        if len(x) == 0:
+            raise DataError(f"{sources[split]}: holds no images; training and testing need some.")
     return Dataset(x_train, y_train, x_test, y_test, name)
 
 

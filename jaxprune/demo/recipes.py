@@ -7,6 +7,9 @@ reproduction settings of Han et al. 2015 and :data:`PAPER` the paper's own figur
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+from collections.abc import Callable
 
 # Han et al. 2015, Tables 1 and 2: per-layer kept fractions and errors on MNIST.
 PAPER = {
@@ -26,7 +29,29 @@ PAPER = {
 
 
 class ConfigError(ValueError):
-    """An impossible combination of options; the CLI prints it as one line and exits 2."""
+    """An impossible combination of options; the CLI prints it as one line and exits 2.
+
+    The message names options as ``{field}`` (a :class:`Config` field in braces): ``str(e)``
+    shows the field names, :meth:`render` lets the command line show its flags instead.
+
+    >>> str(ConfigError("{retrain_lr_scale} must be > 0"))
+    'retrain_lr_scale must be > 0'
+    >>> ConfigError("{retrain_lr_scale} must be > 0").render(lambda f: "--" + f.replace("_", "-"))
+    '--retrain-lr-scale must be > 0'
+    """
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.render(lambda field: field))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The message with each ``{field}`` replaced by ``name(field)``."""
+        fields = {f.name for f in dataclasses.fields(Config)}
+        return re.sub(
+            r"\{(\w+)\}",
+            lambda m: name(m[1]) if m[1] in fields else m[0],
+            self.template,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +94,30 @@ class Config:
     seed: int = 0
 
     def checked(self) -> Config:
-        """Returns the config with a one-value ``q`` spread over the rounds, or raises."""
+        """Returns the config with a one-value ``q`` spread over the rounds, or raises.
+
+        Raises:
+          ConfigError: naming the field, the value received and what is expected.
+        """
         if self.model not in ("lenet300", "lenet5"):
-            raise ConfigError(f"unknown model {self.model!r}; choose lenet300 or lenet5.")
+            raise ConfigError(f"unknown {{model}} {self.model!r}; choose lenet300 or lenet5.")
         for name in ("epochs", "rounds", "retrain_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1.")
-        if not (self.lr > 0 and self.retrain_lr_scale > 0 and self.weight_decay >= 0):
-            raise ConfigError("--lr and --retrain-lr-scale must be > 0, --weight-decay >= 0.")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{{{name}}} must be an integer >= 1, got {value!r}.")
+        # Seeds seed+1..seed+3 are used too; JAX keys from seeds of 2**32 and more wrap around.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"{{seed}} must be an integer, got {self.seed!r}.")
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"{{seed}} must be in [0, 2**31), got {self.seed}.")
+        for name, low in (("lr", "> 0"), ("retrain_lr_scale", "> 0"), ("weight_decay", ">= 0")):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
+                raise ConfigError(f"{{{name}}} must be finite and {low}, got {value}.")
         if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}.")
+            raise ConfigError(f"{{dropout}} must be in [0, 1), got {self.dropout}.")
         schedule = self.keep if self.keep is not None else self.q
-        flag = "--keep" if self.keep is not None else "--q"
+        flag = "{keep}" if self.keep is not None else "{q}"
         if len(schedule) == 1:
             schedule = schedule * self.rounds
         if len(schedule) != self.rounds:
@@ -89,13 +126,15 @@ class Config:
                 "or one per round."
             )
         if self.keep is not None and not all(0 < k <= 1 for k in schedule):
-            raise ConfigError(f"--keep values must be fractions in (0, 1], got {schedule}.")
-        if self.keep is None and not all(q >= 0 for q in schedule):
-            raise ConfigError(f"--q values must be >= 0, got {schedule}.")
-        if any(f < 0 for _, f in self.q_scale):
-            raise ConfigError(f"--q-scale factors must be >= 0, got {dict(self.q_scale)}.")
+            raise ConfigError(f"{{keep}} values must be fractions in (0, 1], got {schedule}.")
+        if self.keep is None and not all(0 <= q < math.inf for q in schedule):
+            raise ConfigError(f"{{q}} values must be finite and >= 0, got {schedule}.")
+        if not all(0 <= f < math.inf for _, f in self.q_scale):
+            raise ConfigError(
+                f"{{q_scale}} factors must be finite and >= 0, got {dict(self.q_scale)}."
+            )
         if self.q_scale and self.keep is not None:
-            raise ConfigError("--q-scale applies to --q, not to --keep.")
+            raise ConfigError("{q_scale} applies to {q}, not to {keep}.")
         field = "keep" if self.keep is not None else "q"
         return dataclasses.replace(self, **{field: tuple(float(v) for v in schedule)})
 

@@ -25,7 +25,7 @@ from jaxprune.analysis import accuracy
 from jaxprune.demo.data import Dataset, batches
 from jaxprune.demo.models import LeNet5, LeNet300100, dense_layer_names
 from jaxprune.demo.recipes import Config, ConfigError
-from jaxprune.masks import apply_masks
+from jaxprune.masks import apply_masks, compute_masks
 from jaxprune.retrain import make_retrain_step, retrain_state
 from jaxprune.rounds import RoundsState, prune_and_retrain
 from jaxprune.sparse import sparse_apply, to_bcoo
@@ -310,6 +310,19 @@ def dead_units(config: Config, params: PyTree, masks: PyTree) -> dict[str, Any]:
         "summary": f"hidden units {report.hidden_before:,} -> {report.hidden_after:,}, "
         f"dense weights {report.weights_before:,} -> {report.weights_after:,}",
     }
+
+
+def check_q_scale(config: Config, data: Dataset) -> None:
+    """Raises :class:`ConfigError` unless every ``q_scale`` layer is one the model prunes.
+
+    Checked on the initial params, before any training, by the rule the rounds use.
+    """
+    if not config.q_scale:
+        return
+    try:
+        compute_masks(init_params(config, data), {"*": 1.0, **dict(config.q_scale)})
+    except ValueError as e:
+        raise ConfigError(f"{{q_scale}} {dict(config.q_scale)}: {e}") from None
 
 
 def check_structured(config: Config, fraction: float) -> None:
