@@ -274,23 +274,8 @@ def _shape(leaf: Any) -> tuple[int, ...] | None:
     return tuple(leaf.shape) if is_array(leaf) else None
 
 
-def check_like(params: PyTree, other: PyTree, *, name: str) -> None:
-    """Checks that ``other`` has the tree structure and leaf shapes of ``params``.
-
-    Args:
-      params: the reference tree.
-      other: a tree that must match it, e.g. masks.
-      name: the argument name used in the error message.
-
-    Raises:
-      ValueError: naming the first path that is missing, extra or of another shape.
-
-    >>> import numpy as np
-    >>> check_like({'w': np.ones((2, 2))}, {'w': np.ones((2, 3), bool)}, name='masks')
-    Traceback (most recent call last):
-    ...
-    ValueError: masks['w'] has shape (2, 3), expected (2, 2) (the shape of params['w']).
-    """
+def _check_structure(params: PyTree, other: PyTree, *, name: str) -> dict[str, Any]:
+    """Checks that ``other`` has the leaf paths and containers of ``params``; its leaves by path."""
     ref = dict(leaves_with_paths(params))
     got = dict(leaves_with_paths(other))
     missing = [p for p in ref if p not in got]
@@ -311,11 +296,111 @@ def check_like(params: PyTree, other: PyTree, *, name: str) -> None:
             f"({type(other).__name__} vs {type(params).__name__}); build it with jax.tree.map "
             "over params."
         )
-    for path, leaf in ref.items():
+    return got
+
+
+def check_like(params: PyTree, other: PyTree, *, name: str) -> None:
+    """Checks that ``other`` has the tree structure and leaf shapes of ``params``.
+
+    Args:
+      params: the reference tree.
+      other: a tree that must match it, e.g. masks.
+      name: the argument name used in the error message.
+
+    Raises:
+      ValueError: naming the first path that is missing, extra or of another shape.
+
+    >>> import numpy as np
+    >>> check_like({'w': np.ones((2, 2))}, {'w': np.ones((2, 3), bool)}, name='masks')
+    Traceback (most recent call last):
+    ...
+    ValueError: masks['w'] has shape (2, 3), expected (2, 2) (the shape of params['w']).
+    """
+    got = _check_structure(params, other, name=name)
+    for path, leaf in leaves_with_paths(params):
         want, have = _shape(leaf), _shape(got[path])
         if want is not None and have != want:
             raise ValueError(
                 f"{name}[{path!r}] has shape {have}, expected {want} (the shape of params[{path!r}])."
+            )
+
+
+_MASK_FIX = (
+    "Pass the boolean masks that jaxprune.compute_masks or masks_for_sparsity return (True = "
+    "kept); to turn 0/1 or float masks into them, use jax.tree.map(lambda m: m != 0, masks)."
+)
+
+
+def _check_mask_leaf(path: str, mask: Any, *, array: bool, name: str) -> None:
+    if is_array(mask):
+        if mask.dtype != np.bool_:
+            raise TypeError(
+                f"{name}[{path!r}] has dtype {mask.dtype}, expected bool: a float mask such as "
+                f"0.3 would not say whether the connection is kept. {_MASK_FIX}"
+            )
+    elif array:
+        raise TypeError(
+            f"{name}[{path!r}] is {type(mask).__name__} {mask!r}, expected a bool array of the "
+            f"leaf's shape (a non-array mask leaf is only for non-array params). {_MASK_FIX}"
+        )
+    elif mask is not True:
+        raise TypeError(
+            f"{name}[{path!r}] is {type(mask).__name__} {mask!r}; the mask of a non-array leaf "
+            f"is the Python value True (such leaves are never pruned). {_MASK_FIX}"
+        )
+
+
+def check_mask_leaves(masks: PyTree, *, name: str = "masks") -> None:
+    """The dtype half of :func:`check_masks`, for masks given before their params (``TypeError``)."""
+    for path, mask in leaves_with_paths(masks):
+        _check_mask_leaf(path, mask, array=is_array(mask), name=name)
+
+
+def _committed(x: Any) -> bool:
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.committed
+
+
+def check_masks(params: PyTree, masks: PyTree, *, name: str = "masks", of: str = "params") -> None:
+    """The one check of a mask tree against its params, shared by every function taking masks.
+
+    Each mistake raises one exception type wherever it is made:
+
+    * ``ValueError``: ``masks`` misses or adds leaves, uses other containers, or a mask's shape
+      is not its leaf's; a mask placed with another sharding than its leaf (both committed
+      ``jax.Array`` s). Masks are never re-sharded behind your back: place them like the params
+      (``compute_masks`` on sharded params does) or leave them uncommitted.
+    * ``TypeError``: a mask of an array leaf that is not a bool array (float or 0/1 masks
+      included: ``0.3`` is not read as ``True``), or a non-array leaf's mask other than ``True``.
+
+    Messages name the first bad leaf path (as ``name[path]`` and ``of[path]``) and say the fix.
+    Tracers are checked for dtype and shape only (they have no placement).
+
+    >>> import numpy as np
+    >>> check_masks({'w': np.ones(2)}, {'w': np.array([1.0, 0.3])})
+    Traceback (most recent call last):
+    ...
+    TypeError: masks['w'] has dtype float64, expected bool: a float mask such as 0.3 would not say whether the connection is kept. Pass the boolean masks that jaxprune.compute_masks or masks_for_sparsity return (True = kept); to turn 0/1 or float masks into them, use jax.tree.map(lambda m: m != 0, masks).
+    """
+    got = _check_structure(params, masks, name=name)
+    for path, leaf in leaves_with_paths(params):
+        mask = got[path]
+        _check_mask_leaf(path, mask, array=is_array(leaf), name=name)
+        if not is_array(leaf):
+            continue
+        if tuple(mask.shape) != tuple(leaf.shape):
+            raise ValueError(
+                f"{name}[{path!r}] has shape {tuple(mask.shape)}, expected {tuple(leaf.shape)} "
+                f"(the shape of {of}[{path!r}])."
+            )
+        if (
+            _committed(mask)
+            and _committed(leaf)
+            and not mask.sharding.is_equivalent_to(leaf.sharding, leaf.ndim)
+        ):
+            raise ValueError(
+                f"{name}[{path!r}] is placed as {mask.sharding}, but {of}[{path!r}] as "
+                f"{leaf.sharding}: a mask must be sharded like its leaf. Compute the masks from "
+                f"the sharded params, or jax.device_put(mask, {of}[{path!r}].sharding)."
             )
 
 

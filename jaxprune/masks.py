@@ -29,6 +29,7 @@ from jaxprune._tree import (
     Stacked,
     Where,
     check_like,
+    check_masks,
     default_where,
     is_array,
     layer_units,
@@ -42,7 +43,8 @@ from jaxprune._tree import (
 
 def _check_finite(params: PyTree, prunable: Mapping[str, bool]) -> None:
     for path, leaf in leaves_with_paths(params):
-        if prunable[path] and not is_traced(leaf) and not bool(jnp.isfinite(leaf).all()):
+        # An explicit fetch of one bool: a reduction, so a sharded leaf is never gathered.
+        if prunable[path] and not is_traced(leaf) and not jax.device_get(jnp.isfinite(leaf).all()):
             raise ValueError(
                 f"params[{path!r}] contains NaN or inf; pruning thresholds would be meaningless. "
                 "Fix the weights (e.g. a diverged training run) before computing masks."
@@ -69,7 +71,7 @@ def _prepare(params, previous, where, stacked) -> tuple[dict[str, bool], dict[st
     prunable = prunable_paths(params, where)
     axes = stacked_axes(params, stacked, prunable)
     if previous is not None:
-        check_like(params, previous, name="previous")
+        check_masks(params, previous, name="previous")
     _check_finite(params, prunable)
     return prunable, axes
 
@@ -119,10 +121,11 @@ def compute_masks(
       ValueError: on a negative or non-finite ``q``, a ``q`` key matching no prunable leaf,
         ``previous`` not matching ``params``, NaN or inf in a prunable weight, no prunable leaf,
         or a ``stacked`` pattern that matches nothing, has an axis out of range or stacks leaves
-        of different lengths.
+        of different lengths, or ``previous`` sharded otherwise than ``params``.
         Checks of values (``q``, NaN) run on concrete inputs, before tracing; under ``jax.jit``
         traced values cannot be inspected and are taken as given.
-      TypeError: if ``where`` selects a leaf that is not a floating-point array.
+      TypeError: if ``where`` selects a leaf that is not a floating-point array, a ``previous``
+        mask is not boolean, or ``q`` is not a real number.
 
     >>> import numpy as np
     >>> params = {'Dense_0': {'kernel': np.array([[0.1, -2.0], [3.0, 0.0]]), 'bias': np.ones(2)}}
@@ -210,6 +213,7 @@ def masks_for_sparsity(
         ``scope='global'`` or naming no prunable layer, ``previous`` not matching ``params``,
         NaN or inf in a prunable weight, no prunable leaf, or more than ``2**31 - 1`` weights in
         one scope.
+      TypeError: if ``sparsity`` is not a real number or a ``previous`` mask is not boolean.
 
     >>> import numpy as np
     >>> params = {'a': {'kernel': np.array([[4.0, -1.0], [2.0, 3.0]])},
@@ -277,29 +281,35 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
     Floating-point array leaves are multiplied out by their masks (``jnp.where``, so ``-0.0`` and
     NaN do not leak through); other leaves (integers, non-arrays) are returned as they are. The
-    input is not modified.
+    input is not modified, and no leaf changes type, dtype or placement: a JAX array comes back
+    as a JAX array of its dtype and sharding, a NumPy array as a NumPy array of its dtype (so
+    ``float64`` stays ``float64`` even with JAX's x64 mode off, where a JAX array could not hold
+    it). Under ``jax.jit`` every leaf is a JAX value, with JAX's dtype rules.
 
     Args:
       params: a pytree of parameters.
-      masks: a mask tree matching ``params`` (see :func:`compute_masks`).
+      masks: a boolean mask tree matching ``params`` (see :func:`compute_masks`).
 
     Returns:
       A new pytree with the structure of ``params``.
 
     Raises:
-      ValueError: if ``masks`` does not match ``params`` in structure or leaf shapes.
+      ValueError: if ``masks`` does not match ``params`` in structure or leaf shapes, or a mask
+        is sharded otherwise than its leaf.
+      TypeError: if a mask is not boolean (a float mask's ``0.3`` is not read as ``True``).
 
     >>> import numpy as np
     >>> apply_masks({'w': np.array([[1.0, 2.0]])}, {'w': np.array([[True, False]])})['w'].tolist()
     [[1.0, 0.0]]
     """
-    check_like(params, masks, name="masks")
+    check_masks(params, masks)
 
     def one(leaf: Any, mask: Any) -> Any:
         if not (is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)):
             return leaf
-        leaf = jnp.asarray(leaf)
-        return jnp.where(jnp.asarray(mask, dtype=bool), leaf, jnp.zeros((), leaf.dtype))
+        if isinstance(leaf, (np.ndarray, np.generic)) and not is_traced(mask):
+            return np.where(np.asarray(mask), leaf, np.zeros((), leaf.dtype))
+        return jnp.where(mask, leaf, jnp.zeros((), leaf.dtype))
 
     return jax.tree.map(one, params, masks)
 

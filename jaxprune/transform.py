@@ -9,7 +9,10 @@ boolean or ``float0`` updates and non-array leaves pass through unchanged; ``Non
 ``None``. Masks are boolean arrays of the leaf's shape, or the Python value ``True`` for non-array
 leaves, as :func:`jaxprune.masks.compute_masks` makes them. Masks built from an NNX
 ``nnx.state(model, nnx.Param)`` and from the plain arrays inside it are interchangeable: leaves are
-matched by path (``'layers/0/kernel'``), not by the Variable wrappers.
+matched by path (``'layers/0/kernel'``), not by the Variable wrappers. The masks are checked by
+:func:`jaxprune._tree.check_masks` (one check for every function taking masks); on sharded params
+``init`` keeps masks sharded like their leaves, moving uncommitted ones there and rejecting
+committed ones placed otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxprune._tree import PyTree, check_like, is_array, leaves_with_paths
+from jaxprune._tree import (
+    PyTree,
+    check_like,
+    check_mask_leaves,
+    check_masks,
+    is_array,
+    leaves_with_paths,
+)
 
 
 class PruneGradientsState(NamedTuple):
@@ -65,6 +75,11 @@ def _pure(tree: PyTree) -> PyTree:
 def _check_weight_decay(weight_decay: float) -> float:
     if isinstance(weight_decay, jax.core.Tracer):
         raise TypeError("weight_decay must be a Python float, got a traced value.")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float, np.number)):
+        raise TypeError(
+            f"weight_decay must be a real number, got {type(weight_decay).__name__}: "
+            f"{weight_decay!r}."
+        )
     value = float(weight_decay)
     if not math.isfinite(value) or value < 0:
         raise ValueError(
@@ -76,19 +91,47 @@ def _check_weight_decay(weight_decay: float) -> float:
 
 def _as_mask_tree(masks: PyTree, *, name: str) -> PyTree:
     """Validates mask dtypes and returns the masks as pure boolean JAX arrays (a new tree)."""
-    for path, leaf in leaves_with_paths(_pure(masks)):
-        if is_array(leaf):
-            if leaf.dtype != np.bool_:
-                raise TypeError(
-                    f"{name}[{path!r}] has dtype {leaf.dtype}, expected bool (True = kept). "
-                    "Build masks with jaxprune.compute_masks or compare, e.g. `w != 0`."
-                )
-        elif leaf is not True:
-            raise TypeError(
-                f"{name}[{path!r}] is {type(leaf).__name__} {leaf!r}; a mask leaf must be a bool "
-                "array (or True for a non-array leaf)."
-            )
+    check_mask_leaves(_pure(masks), name=name)
     return jax.tree.map(lambda m: jnp.asarray(m) if is_array(m) else m, _pure(masks))
+
+
+def _placed_like_params(masks: PyTree, params: PyTree) -> PyTree:
+    """Checks masks against the params and moves uncommitted ones to their leaf's sharding.
+
+    A mask that is already committed must match its leaf's sharding (:func:`check_masks`
+    raises otherwise); one that is not (built from NumPy or on the default device) is put
+    where its leaf is, so the state's masks are sharded like the params from ``init`` on.
+    """
+    check_masks(params, masks)
+
+    def place(m: Any, p: Any) -> Any:
+        if (
+            isinstance(p, jax.Array)
+            and not isinstance(p, jax.core.Tracer)
+            and p.committed
+            and isinstance(m, jax.Array)
+            and not isinstance(m, jax.core.Tracer)
+            and not m.committed
+        ):
+            return jax.device_put(m, p.sharding)
+        return m
+
+    return jax.tree.map(place, masks, params)
+
+
+def _check_pruned_finite(masks: PyTree, params: PyTree) -> None:
+    # keep_pruned zeroes a pruned weight w with the update -w; for w = inf that gives NaN.
+    for (path, m), p in zip(leaves_with_paths(masks), jax.tree.leaves(params), strict=True):
+        if m is True or not _is_float_array(p) or isinstance(p, jax.core.Tracer):
+            continue
+        if isinstance(m, jax.core.Tracer):
+            continue
+        if jax.device_get(jnp.any(~m & ~jnp.isfinite(p))):
+            raise ValueError(
+                f"params[{path!r}] has NaN or inf at pruned positions; keep_pruned sends a pruned "
+                "weight w to zero with the update -w, and inf - inf is NaN. Zero the pruned "
+                "weights first: params = jaxprune.apply_masks(params, masks)."
+            )
 
 
 def _is_float_array(x: Any) -> bool:
@@ -155,9 +198,9 @@ def prune_gradients(masks: PyTree, *, weight_decay: float = 0.0) -> optax.Gradie
 
     Raises:
       ValueError: on a negative or non-finite ``weight_decay``; from ``init``/``update``, when the
-        masks do not match the params/updates (naming the leaf path), or when ``weight_decay > 0``
-        and ``update`` gets no params.
-      TypeError: if a mask leaf is not boolean.
+        masks do not match the params/updates or are sharded otherwise (naming the leaf path), or
+        when ``weight_decay > 0`` and ``update`` gets no params.
+      TypeError: if a mask leaf is not boolean, or ``weight_decay`` is not a real number.
 
     >>> import jax.numpy as jnp, optax
     >>> params = {'w': jnp.array([[1.0, 2.0]])}
@@ -170,8 +213,7 @@ def prune_gradients(masks: PyTree, *, weight_decay: float = 0.0) -> optax.Gradie
     masks = _as_mask_tree(masks, name="masks")
 
     def init_fn(params: optax.Params) -> PruneGradientsState:
-        check_like(_pure(params), masks, name="masks")
-        return PruneGradientsState(masks=masks)
+        return PruneGradientsState(masks=_placed_like_params(masks, _pure(params)))
 
     def update_fn(
         updates: optax.Updates, state: PruneGradientsState, params: optax.Params | None = None
@@ -203,7 +245,8 @@ def _position_error(paths: list[str]) -> ValueError:
     return ValueError(
         f"keep_pruned: pruned weights of {paths[:5]} are still non-zero one step after "
         "keep_pruned set their updates to -w. A transformation after keep_pruned (a learning-rate "
-        "scale, clipping, a schedule) changed those updates. When you change masks, zero the "
+        "scale, clipping, a schedule) changed those updates, or a pruned weight was NaN or inf "
+        "(inf - inf is NaN). When you change masks, zero the "
         "newly pruned weights yourself (params = jaxprune.apply_masks(params, masks), as "
         "prune_and_retrain does), or make keep_pruned the outermost "
         "transformation: keep_pruned(optax.chain(...), masks)."
@@ -226,16 +269,17 @@ def _check_position(state: KeepPrunedState, params: PyTree) -> KeepPrunedState:
 
         due = state.countdown == 1
         stray = jax.lax.cond(due, check, lambda _: jnp.zeros_like(misplaced), None)
-        if not isinstance(stray, jax.core.Tracer) and bool(stray.any()):
+        if not isinstance(stray, jax.core.Tracer) and jax.device_get(stray).any():
             paths = [p for p, _ in _stray_flags(state.masks, params)]
-            raise _position_error([p for p, b in zip(paths, np.asarray(stray), strict=True) if b])
+            flags = jax.device_get(stray)
+            raise _position_error([p for p, b in zip(paths, flags, strict=True) if b])
         misplaced = misplaced | stray
     countdown = jnp.maximum(state.countdown - 1, 0).astype(state.countdown.dtype)
     return state._replace(countdown=countdown, misplaced=misplaced)
 
 
 def _raise_if_misplaced(state: KeepPrunedState) -> None:
-    flags = np.asarray(jax.tree.leaves(state.misplaced)[0])
+    flags = jax.device_get(jax.tree.leaves(state.misplaced)[0])  # one bool per leaf
     if not flags.any():
         return
     paths = [p for p, m in leaves_with_paths(_pure(state.masks)) if m is not True]
@@ -290,10 +334,11 @@ def keep_pruned(
 
     Raises:
       ValueError: on a negative or non-finite ``weight_decay``; from ``init``/``update``, when the
-        masks do not match the params/updates (naming the leaf path), when ``weight_decay > 0``
-        and ``update`` gets no params, or when a pruned weight stays non-zero after its ``-w``
-        update (see above).
-      TypeError: if a mask leaf is not boolean.
+        masks do not match the params/updates or are sharded otherwise (naming the leaf path),
+        when ``init`` gets a NaN or inf pruned weight (``-w`` cannot zero it: apply the masks
+        first), when ``weight_decay > 0`` and ``update`` gets no params, or when a pruned weight
+        stays non-zero after its ``-w`` update (see above).
+      TypeError: if a mask leaf is not boolean, or ``weight_decay`` is not a real number.
 
     >>> import jax.numpy as jnp, optax
     >>> params = {'w': jnp.array([[1.0, 0.0]])}
@@ -310,10 +355,11 @@ def keep_pruned(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> KeepPrunedState:
-        check_like(_pure(params), masks, name="masks")
-        n = len(_stray_flags(masks, _pure(params)))
+        placed = _placed_like_params(masks, _pure(params))
+        _check_pruned_finite(placed, _pure(params))
+        n = len(_stray_flags(placed, _pure(params)))
         countdown = jnp.asarray(2, jnp.int32)
-        return KeepPrunedState(masks, inner.init(params), countdown, jnp.zeros(n, bool))
+        return KeepPrunedState(placed, inner.init(params), countdown, jnp.zeros(n, bool))
 
     def update_fn(
         updates: optax.Updates,
@@ -344,7 +390,8 @@ def _regrown(old: PyTree, new: PyTree) -> list[tuple[str, int]]:
                 "update_masks checks that new_masks only prune further, which needs concrete "
                 "masks; call it outside jax.jit, or pass allow_regrow=True to skip the check."
             )
-        count = int(np.count_nonzero(np.asarray(n) & ~np.asarray(o)))
+        # A sharded reduction and an explicit fetch of its scalar: no mask is gathered.
+        count = int(jax.device_get(jnp.sum(jnp.asarray(n) & ~jnp.asarray(o), dtype=jnp.int32)))
         if count:
             found.append((path, count))
     return found
@@ -360,14 +407,14 @@ def _placed_like(new: Any, old: Any) -> Any:
     if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
         if old.committed:
             new = jax.device_put(new, old.sharding)
-        elif isinstance(new, jax.Array) and new.committed:
-            new = jnp.asarray(np.asarray(new))  # an uncommitted copy; only single-device here
+        elif isinstance(new, jax.Array) and new.committed and len(new.sharding.device_set) == 1:
+            new = jnp.asarray(np.asarray(new))  # an uncommitted copy of a single-device mask
     return new
 
 
 def _swap_masks(state: Any, new_masks: PyTree, allow_regrow: bool) -> Any:
     old = state.masks
-    check_like(_pure(old), _pure(new_masks), name="new_masks")
+    check_masks(_pure(old), _pure(new_masks), name="new_masks", of="the current masks")
     new = _as_mask_tree(new_masks, name="new_masks")
     if not allow_regrow:
         regrown = _regrown(_pure(old), new)
@@ -417,7 +464,10 @@ def update_masks(
     ``optax.chain``, inside wrappers such as ``optax.MultiSteps`` or ``inject_hyperparams``, or in
     an ``nnx.Optimizer``'s ``opt_state``, whose Variable wrappers are kept) and swaps in
     ``new_masks`` with the old masks' dtype, tree structure and device placement, so a jitted step
-    taking the state as an argument does not recompile. The rest of the state (momentum, step
+    taking the state as an argument does not recompile. Uncommitted new masks (NumPy, or on the
+    default device) are put where the old ones are; committed ones must already be sharded like
+    them (an error otherwise, never a silent re-shard), and the subset check runs as sharded
+    reductions, so no mask is gathered onto one device. The rest of the state (momentum, step
     counts) is kept. By default the new masks must be a subset of the current ones: a pruning round
     only removes connections.
 
@@ -434,8 +484,8 @@ def update_masks(
 
     Raises:
       ValueError: if ``opt_state`` holds no jaxprune state, if ``new_masks`` does not match the
-        current masks in structure or shapes (naming the leaf path), or if it revives pruned
-        connections without ``allow_regrow``.
+        current masks in structure or shapes, or is committed with another sharding (naming the
+        leaf path), or if it revives pruned connections without ``allow_regrow``.
       TypeError: if a mask leaf is not boolean, or if masks are traced and ``allow_regrow`` is
         False (the subset check needs values).
 

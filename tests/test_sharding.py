@@ -1,4 +1,6 @@
-"""Data-parallel retraining: the step on a batch sharded over 4 (emulated) devices.
+"""Sharded params and batches over 4 (emulated) devices: the retrain step, and the mask functions
+on FSDP and FSDP x tensor-parallel kernels (same answers, masks sharded like their params, no
+whole-leaf gather in the compiled programs, clear errors for masks placed otherwise).
 
 Runs in a subprocess because the device count is fixed when JAX starts.
 """
@@ -7,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -95,25 +99,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_step_equals_single_device_step():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, os.path.dirname(__file__)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "replicated ok" in result.stdout and "sharded ok" in result.stdout
-
-
-SPARSITY_SCRIPT = textwrap.dedent(
+MASKS_SCRIPT = textwrap.dedent(
     """
-    import jax, numpy as np
+    import re
+    import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jaxprune.masks import masks_for_sparsity
+    import jaxprune
+    from jaxprune.transform import keep_pruned, update_masks
 
     assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
@@ -123,30 +115,140 @@ SPARSITY_SCRIPT = textwrap.dedent(
         "Dense_1": {"kernel": np.round(rng.normal(size=(32, 8)), 1).astype(np.float32)},  # ties
     }
     previous = jax.tree.map(lambda x: rng.random(x.shape) > 0.2, params)
-    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
-    def spec(path, leaf):  # FSDP: every kernel split over its first axis
-        return NamedSharding(mesh, P("fsdp", None) if leaf.ndim == 2 else P())
-    sharded = jax.tree_util.tree_map_with_path(lambda p, x: jax.device_put(x, spec(p, x)), params)
-    for scope in ("layer", "global"):
-        want = masks_for_sparsity(params, 0.7, scope=scope, previous=previous)
-        got = masks_for_sparsity(sharded, 0.7, scope=scope, previous=previous)
-        for w, g, x in zip(jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(sharded)):
-            assert np.array_equal(np.asarray(w), np.asarray(g)), scope
-            assert g.sharding.is_equivalent_to(x.sharding, x.ndim), (scope, g.sharding)
-        print(scope, "ok")
+    sizes = [x.size for x in jax.tree.leaves(params) if x.ndim == 2]
+
+    def place(tree, spec):
+        return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), tree)
+
+    def same(want, got, like, label):
+        for w, g, x in zip(jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(like)):
+            assert np.array_equal(np.asarray(w), np.asarray(g)), label
+            assert g.sharding.is_equivalent_to(x.sharding, x.ndim), (label, g.sharding, x.sharding)
+
+    def no_gather(fn, *args, label):
+        # Compiled for the sharded inputs: any all-gather must be smaller than a whole kernel.
+        hlo = jax.jit(fn).lower(*args).compile().as_text()
+        for dims in re.findall(r"\\[([\\d,]*)\\][^=\\n]*? all-gather\\(", hlo):
+            n = int(np.prod([int(d) for d in dims.split(",") if d]))
+            assert n < min(sizes), (label, "all-gather of", dims)
+
+    # The unsharded answers, once.
+    want_cm = jaxprune.compute_masks(params, 0.8, previous=previous)
+    want_ms = {scope: jaxprune.masks_for_sparsity(params, 0.7, scope=scope, previous=previous)
+               for scope in ("layer", "global")}
+    want_pruned = jaxprune.apply_masks(params, want_ms["global"])
+    tx = keep_pruned(optax.sgd(0.1, momentum=0.9), want_ms["global"], weight_decay=1e-3)
+    grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+    want_updates, _ = tx.update(grads, tx.init(want_pruned), want_pruned)
+    want_new = jaxprune.compute_masks(want_pruned, 1.2, previous=want_ms["global"])
+    want_summary = jaxprune.summarize(params, want_new)
+
+    meshes = {
+        "fsdp": (Mesh(np.array(jax.devices()), ("fsdp",)), P("fsdp", None)),
+        "fsdp x tp": (Mesh(np.array(jax.devices()).reshape(2, 2), ("fsdp", "tp")), P("fsdp", "tp")),
+    }
+    for label, (mesh, kernel_spec) in meshes.items():
+        spec = lambda x: kernel_spec if x.ndim == 2 else P()
+        sharded, prev_s = place(params, spec), place(previous, spec)
+        # No implicit device-to-host copy of an array: only explicit scalar fetches.
+        with jax.transfer_guard_device_to_host("disallow"):
+            got = jaxprune.compute_masks(sharded, 0.8, previous=prev_s)
+            same(want_cm, got, sharded, label)
+            no_gather(lambda p, q, m: jaxprune.compute_masks(p, q, previous=m),
+                      sharded, 0.8, prev_s, label=label)
+            for scope in ("layer", "global"):
+                got = jaxprune.masks_for_sparsity(sharded, 0.7, scope=scope, previous=prev_s)
+                same(want_ms[scope], got, sharded, (label, scope))
+                no_gather(lambda p, s, m: jaxprune.masks_for_sparsity(p, s, scope=scope, previous=m),
+                          sharded, 0.7, prev_s, label=(label, scope))
+            masks = got
+            pruned = jaxprune.apply_masks(sharded, masks)
+            same(want_pruned, pruned, sharded, label)
+            no_gather(jaxprune.apply_masks, sharded, masks, label=label)
+
+            state = tx.init(pruned)  # the factory's NumPy masks are placed like their params
+            same(want_ms["global"], state.masks, sharded, label)
+            grads_s = place(grads, spec)
+            updates, state = jax.jit(tx.update)(grads_s, state, pruned)
+            for w, u, x in zip(jax.tree.leaves(want_updates), jax.tree.leaves(updates),
+                               jax.tree.leaves(sharded)):
+                np.testing.assert_allclose(np.asarray(w), np.asarray(u), rtol=1e-6)
+                assert u.sharding.is_equivalent_to(x.sharding, x.ndim), label
+            no_gather(tx.update, grads_s, state, pruned, label=label)
+
+            new = jaxprune.compute_masks(pruned, 1.2, previous=masks)
+            same(want_new, new, sharded, label)
+            swapped = update_masks(state, new)
+            same(want_new, swapped.masks, sharded, label)
+        assert jaxprune.summarize(sharded, new) == want_summary, label
+
+        # Masks placed otherwise than their params: an error naming the leaf, never a re-shard.
+        other = NamedSharding(mesh, P(None, mesh.axis_names[0]))
+        wrong = {**masks, "Dense_0": {**masks["Dense_0"], "kernel": jax.device_put(
+            masks["Dense_0"]["kernel"], other)}}
+        for fn in (lambda: jaxprune.apply_masks(sharded, wrong),
+                   lambda: keep_pruned(optax.sgd(0.1), wrong).init(sharded),
+                   lambda: update_masks(state, wrong),
+                   lambda: jaxprune.masks_for_sparsity(sharded, 0.5, previous=wrong)):
+            try:
+                fn()
+            except ValueError as e:
+                assert "['Dense_0/kernel'] is placed as" in str(e) and "sharded like" in str(e), e
+            else:
+                raise AssertionError("a mask sharded otherwise was accepted")
+        print(label, "ok")
+
+    # A mesh that does not divide a leaf: JAX refuses to place it, before jaxprune sees it.
+    try:
+        jax.device_put(np.ones((5, 4), np.float32), NamedSharding(mesh, P("fsdp", None)))
+    except ValueError as e:
+        assert "should evenly divide the shape" in str(e), e
+    else:
+        raise AssertionError("an indivisible sharding was accepted")
+    print("indivisible ok")
     """
 )
 
 
-def test_sharded_kernels_give_the_same_sparsity_masks_and_stay_sharded():
+# One subprocess for both scripts (starting one and importing JAX costs seconds); each script
+# runs in its own namespace and reports its own failure.
+RUNNER = textwrap.dedent(
+    """
+    import traceback
+    for name, source in SCRIPTS.items():
+        try:
+            exec(source, {"__name__": name})
+        except BaseException:
+            print(f"{name} FAILED", flush=True)
+            traceback.print_exc()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def sharded_run():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-c", SPARSITY_SCRIPT],
+    scripts = {"step": SCRIPT, "masks": MASKS_SCRIPT}
+    return subprocess.run(
+        [sys.executable, "-c", f"SCRIPTS = {scripts!r}\n{RUNNER}", os.path.dirname(__file__)],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "layer ok" in result.stdout and "global ok" in result.stdout
+
+
+def check(run, name, labels):
+    assert f"{name} FAILED" not in run.stdout, run.stderr[-4000:]
+    for label in labels:
+        assert label in run.stdout, (run.stdout, run.stderr[-4000:])
+
+
+def test_sharded_step_equals_single_device_step(sharded_run):
+    check(sharded_run, "step", ["replicated ok", "sharded ok"])
+
+
+def test_sharded_kernels_give_the_same_masks_and_stay_sharded(sharded_run):
+    """compute_masks, masks_for_sparsity, apply_masks, keep_pruned, update_masks, summarize."""
+    check(sharded_run, "masks", ["fsdp ok", "fsdp x tp ok", "indivisible ok"])
