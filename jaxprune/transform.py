@@ -25,14 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
+from jaxprune._placement import (
+    as_mask_tree,
+    check_pruned_finite,
+    is_inexact_array,
+    placed_like,
+    placed_like_params,
+    pure,
+    regrown,
+    reset_like,
+)
 from jaxprune._tree import (
     PyTree,
     check_like,
-    check_mask_leaves,
     check_masks,
-    is_array,
     leaves_with_paths,
 )
 
@@ -66,12 +73,6 @@ class KeepPrunedState(NamedTuple):
 _MASKED_STATES = (PruneGradientsState, KeepPrunedState)
 
 
-def _pure(tree: PyTree) -> PyTree:
-    # NNX Variables (Param, OptState) wrap arrays; comparing pure arrays lets masks made from an
-    # nnx.State match the plain arrays nnx.Optimizer hands to optax, and the other way round.
-    return nnx.as_pure(tree)
-
-
 def _check_weight_decay(weight_decay: float) -> float:
     if isinstance(weight_decay, jax.core.Tracer):
         raise TypeError("weight_decay must be a Python float, got a traced value.")
@@ -89,66 +90,17 @@ def _check_weight_decay(weight_decay: float) -> float:
     return value
 
 
-def _as_mask_tree(masks: PyTree, *, name: str) -> PyTree:
-    """Validates mask dtypes and returns the masks as pure boolean JAX arrays (a new tree)."""
-    check_mask_leaves(_pure(masks), name=name)
-    return jax.tree.map(lambda m: jnp.asarray(m) if is_array(m) else m, _pure(masks))
-
-
-def _placed_like_params(masks: PyTree, params: PyTree) -> PyTree:
-    """Checks masks against the params and moves uncommitted ones to their leaf's sharding.
-
-    A mask that is already committed must match its leaf's sharding (:func:`check_masks`
-    raises otherwise); one that is not (built from NumPy or on the default device) is put
-    where its leaf is, so the state's masks are sharded like the params from ``init`` on.
-    """
-    check_masks(params, masks)
-
-    def place(m: Any, p: Any) -> Any:
-        if (
-            isinstance(p, jax.Array)
-            and not isinstance(p, jax.core.Tracer)
-            and p.committed
-            and isinstance(m, jax.Array)
-            and not isinstance(m, jax.core.Tracer)
-            and not m.committed
-        ):
-            return jax.device_put(m, p.sharding)
-        return m
-
-    return jax.tree.map(place, masks, params)
-
-
-def _check_pruned_finite(masks: PyTree, params: PyTree) -> None:
-    # keep_pruned zeroes a pruned weight w with the update -w; for w = inf that gives NaN.
-    for (path, m), p in zip(leaves_with_paths(masks), jax.tree.leaves(params), strict=True):
-        if m is True or not _is_float_array(p) or isinstance(p, jax.core.Tracer):
-            continue
-        if isinstance(m, jax.core.Tracer):
-            continue
-        if jax.device_get(jnp.any(~m & ~jnp.isfinite(p))):
-            raise ValueError(
-                f"params[{path!r}] has NaN or inf at pruned positions; keep_pruned sends a pruned "
-                "weight w to zero with the update -w, and inf - inf is NaN. Zero the pruned "
-                "weights first: params = jaxprune.apply_masks(params, masks)."
-            )
-
-
-def _is_float_array(x: Any) -> bool:
-    return is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
-
-
 def _map_masked(fn: Callable[..., Any], updates: PyTree, masks: PyTree, *others: PyTree) -> PyTree:
     """Applies ``fn(update, mask, *other)`` to each floating-point leaf of ``updates``.
 
     Leaves are paired in flattening order after checking their paths, so NNX Variable wrappers on
     either side do not matter; the result has the tree structure of ``updates``.
     """
-    check_like(_pure(updates), masks, name="masks")
+    check_like(pure(updates), masks, name="masks")
     flat, treedef = jax.tree.flatten(updates)
     columns = [jax.tree.leaves(masks)] + [jax.tree.leaves(o) for o in others]
     out = [
-        fn(u, *rest) if _is_float_array(u) else u for u, *rest in zip(flat, *columns, strict=True)
+        fn(u, *rest) if is_inexact_array(u) else u for u, *rest in zip(flat, *columns, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
 
@@ -171,7 +123,7 @@ def _prune_grads(updates: PyTree, masks: PyTree, params: PyTree, weight_decay: f
         raise ValueError(
             f"weight_decay={weight_decay} needs the params: call update(grads, state, params)."
         )
-    return _map_masked(_masked_gradient(weight_decay), updates, masks, _pure(params))
+    return _map_masked(_masked_gradient(weight_decay), updates, masks, pure(params))
 
 
 def prune_gradients(masks: PyTree, *, weight_decay: float = 0.0) -> optax.GradientTransformation:
@@ -210,10 +162,10 @@ def prune_gradients(masks: PyTree, *, weight_decay: float = 0.0) -> optax.Gradie
     [[1.5, 0.0]]
     """
     weight_decay = _check_weight_decay(weight_decay)
-    masks = _as_mask_tree(masks, name="masks")
+    masks = as_mask_tree(masks, name="masks")
 
     def init_fn(params: optax.Params) -> PruneGradientsState:
-        return PruneGradientsState(masks=_placed_like_params(masks, _pure(params)))
+        return PruneGradientsState(masks=placed_like_params(masks, pure(params)))
 
     def update_fn(
         updates: optax.Updates, state: PruneGradientsState, params: optax.Params | None = None
@@ -236,7 +188,7 @@ def _stray_flags(masks: PyTree, params: PyTree) -> list[tuple[str, Any]]:
     flags = []
     for (path, m), p in zip(leaves_with_paths(masks), jax.tree.leaves(params), strict=True):
         if m is not True:
-            stray = jnp.any(~m & (p != 0)) if _is_float_array(p) else jnp.zeros((), bool)
+            stray = jnp.any(~m & (p != 0)) if is_inexact_array(p) else jnp.zeros((), bool)
             flags.append((path, stray))
     return flags
 
@@ -282,7 +234,7 @@ def _raise_if_misplaced(state: KeepPrunedState) -> None:
     flags = jax.device_get(jax.tree.leaves(state.misplaced)[0])  # one bool per leaf
     if not flags.any():
         return
-    paths = [p for p, m in leaves_with_paths(_pure(state.masks)) if m is not True]
+    paths = [p for p, m in leaves_with_paths(pure(state.masks)) if m is not True]
     raise _position_error([p for p, f in zip(paths, flags, strict=True) if f])
 
 
@@ -351,13 +303,13 @@ def keep_pruned(
     0.0
     """
     weight_decay = _check_weight_decay(weight_decay)
-    masks = _as_mask_tree(masks, name="masks")
+    masks = as_mask_tree(masks, name="masks")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> KeepPrunedState:
-        placed = _placed_like_params(masks, _pure(params))
-        _check_pruned_finite(placed, _pure(params))
-        n = len(_stray_flags(placed, _pure(params)))
+        placed = placed_like_params(masks, pure(params))
+        check_pruned_finite(placed, pure(params))
+        n = len(_stray_flags(placed, pure(params)))
         countdown = jnp.asarray(2, jnp.int32)
         return KeepPrunedState(placed, inner.init(params), countdown, jnp.zeros(n, bool))
 
@@ -373,72 +325,33 @@ def keep_pruned(
         if params is None:
             updates = _map_masked(_hold_pruned, updates, state.masks)
             return updates, state
-        updates = _map_masked(_hold_pruned, updates, state.masks, _pure(params))
-        return updates, _check_position(state, _pure(params))
+        updates = _map_masked(_hold_pruned, updates, state.masks, pure(params))
+        return updates, _check_position(state, pure(params))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _regrown(old: PyTree, new: PyTree) -> list[tuple[str, int]]:
-    """Lists ``(path, count)`` of connections pruned in ``old`` but kept in ``new``."""
-    found = []
-    for (path, o), n in zip(leaves_with_paths(old), jax.tree.leaves(new), strict=True):
-        if not is_array(o):
-            continue
-        if isinstance(o, jax.core.Tracer) or isinstance(n, jax.core.Tracer):
-            raise TypeError(
-                "update_masks checks that new_masks only prune further, which needs concrete "
-                "masks; call it outside jax.jit, or pass allow_regrow=True to skip the check."
-            )
-        # A sharded reduction and an explicit fetch of its scalar: no mask is gathered.
-        count = int(jax.device_get(jnp.sum(jnp.asarray(n) & ~jnp.asarray(o), dtype=jnp.int32)))
-        if count:
-            found.append((path, count))
-    return found
-
-
-def _placed_like(new: Any, old: Any) -> Any:
-    # Same dtype, placement and commitment as the old leaf, so a jitted step sees an identical
-    # signature: jit keys its cache on whether an argument is committed to a device, so a
-    # committed mask in a state that tx.init left uncommitted would compile the step again.
-    if not is_array(new):
-        return new
-    new = jnp.asarray(new, dtype=old.dtype if is_array(old) else bool)
-    if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
-        if old.committed:
-            new = jax.device_put(new, old.sharding)
-        elif isinstance(new, jax.Array) and new.committed and len(new.sharding.device_set) == 1:
-            new = jnp.asarray(np.asarray(new))  # an uncommitted copy of a single-device mask
-    return new
-
-
 def _swap_masks(state: Any, new_masks: PyTree, allow_regrow: bool) -> Any:
     old = state.masks
-    check_masks(_pure(old), _pure(new_masks), name="new_masks", of="the current masks")
-    new = _as_mask_tree(new_masks, name="new_masks")
+    check_masks(pure(old), pure(new_masks), name="new_masks", of="the current masks")
+    new = as_mask_tree(new_masks, name="new_masks")
     if not allow_regrow:
-        regrown = _regrown(_pure(old), new)
-        if regrown:
-            shown = ", ".join(f"{p!r} ({c} connections)" for p, c in regrown[:5])
+        revived = regrown(pure(old), new)
+        if revived:
+            shown = ", ".join(f"{p!r} ({c} connections)" for p, c in revived[:5])
             raise ValueError(
                 f"new_masks keeps connections that the current masks prune: {shown}. Pruning "
                 "rounds only remove connections (pass previous= to compute_masks). To revive "
                 "pruned weights on purpose, pass allow_regrow=True; they restart from 0.0."
             )
     flat_old, treedef = jax.tree.flatten(old)
-    placed = [_placed_like(n, o) for n, o in zip(jax.tree.leaves(new), flat_old, strict=True)]
+    placed = [placed_like(n, o) for n, o in zip(jax.tree.leaves(new), flat_old, strict=True)]
     state = state._replace(masks=jax.tree.unflatten(treedef, placed))
     if isinstance(state, KeepPrunedState):  # the flags are about the weights of the old masks
         state = state._replace(
-            countdown=_reset(state.countdown, 2), misplaced=_reset(state.misplaced, False)
+            countdown=reset_like(state.countdown, 2), misplaced=reset_like(state.misplaced, False)
         )
     return state
-
-
-def _reset(leaf: Any, value: Any) -> Any:
-    (old,), treedef = jax.tree.flatten(leaf)  # keeps NNX's Variable wrapper
-    new = _placed_like(np.full(old.shape, value, old.dtype), old)
-    return jax.tree.unflatten(treedef, [new])
 
 
 def raise_if_misplaced(opt_state: optax.OptState) -> None:
