@@ -40,6 +40,7 @@ from jaxprune._manifest import (
     _parse_leaf,
     _parse_tree,
 )
+from jaxprune._text import table
 
 try:
     import fcntl
@@ -107,14 +108,13 @@ class SaveReport(NamedTuple):
     leaves: tuple[LeafReport, ...]
 
     def __str__(self) -> str:
-        lines = [f"{'path':<28} {'kind':<5} {'nnz':>9} {'index':<8} {'values':<8} {'bytes':>9}"]
-        for r in self.leaves:
-            lines.append(
-                f"{r.path:<28} {r.kind:<5} {r.nnz:>9} {r.index_encoding:<8} "
-                f"{r.value_encoding:<8} {r.nbytes:>9}"
-            )
-        lines.append(f"total {self.nbytes} bytes, max abs error {self.max_abs_error:.3g}")
-        return "\n".join(lines)
+        header = ("path", "kind", "index", "values", "nnz", "bytes")
+        body = [
+            (r.path, r.kind, r.index_encoding, r.value_encoding, f"{r.nnz:,}", f"{r.nbytes:,}")
+            for r in self.leaves
+        ]
+        total = f"total {self.nbytes} bytes, max abs error {self.max_abs_error:.3g}"
+        return table(header, body, left=4) + "\n" + total
 
 
 # ----------------------------------------------------------------------------- file container

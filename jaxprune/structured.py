@@ -51,6 +51,7 @@ from jaxprune._chain import (
     _take_inputs,
     _unit_major,
 )
+from jaxprune._text import table
 from jaxprune._tree import PyTree, is_array, leaves_with_paths
 
 _SCORES = ("incoming", "outgoing", "both")
@@ -110,17 +111,7 @@ class ShrinkReport(NamedTuple):
             f"{self.weights_before:,}",
             f"{self.weights_after:,}",
         )
-        widths = [max(len(row[i]) for row in [header, *body, total]) for i in range(5)]
-
-        def fmt(row: tuple[str, ...]) -> str:
-            cells = (
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-            return "  ".join(cells)
-
-        rule = "-" * len(fmt(header))
-        return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])
+        return table(header, body, total)
 
 
 class Shrunk(NamedTuple):
