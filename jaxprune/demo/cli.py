@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     # model's recipe (recipes.RECIPES) for `run` and `sensitivity`.
     def common(p: argparse.ArgumentParser, out: str) -> None:
         p.add_argument("--model", choices=["lenet300", "lenet5"], default="lenet300")
-        p.add_argument("--epochs", type=int, help="dense epochs")
+        p.add_argument("--epochs", type=int, help="dense training epochs")
         p.add_argument("--lr", type=float, help="dense learning rate")
         p.add_argument("--weight-decay", type=float, help="L2 coefficient")
         p.add_argument("--batch-size", type=int)
@@ -97,15 +97,17 @@ def _parser() -> argparse.ArgumentParser:
         )
         group = p.add_mutually_exclusive_group()
         group.add_argument("--q", type=_floats, help="Han's q per round, e.g. 1.0,1.5,2.0")
-        group.add_argument("--keep", type=_floats, help="kept fraction per round instead of q")
+        group.add_argument(
+            "--keep", type=_floats, help="fraction of each layer to keep per round, instead of --q"
+        )
         p.add_argument(
             "--q-scale",
             type=_scales,
             metavar="LAYER=FACTOR,...",
             help="prune these layers with FACTOR * q (e.g. conv1=0.3 keeps more of conv1)",
         )
-        p.add_argument("--retrain-epochs", type=int)
-        p.add_argument("--retrain-lr-scale", type=float)
+        p.add_argument("--retrain-epochs", type=int, help="retraining epochs per round")
+        p.add_argument("--retrain-lr-scale", type=float, help="retraining lr = --lr * this")
         p.add_argument("--resume", action="store_true", help="continue from --out's checkpoints")
         p.add_argument(
             "--structured",
