@@ -24,11 +24,11 @@ import numpy as np
 
 from jaxprune._options import QSpec, check_scalar, is_traced, per_slice, per_unit
 from jaxprune._ranking import check_countable, ranked_keep
+from jaxprune._text import table
 from jaxprune._tree import (
     PyTree,
     Stacked,
     Where,
-    check_like,
     check_masks,
     default_where,
     is_array,
@@ -39,6 +39,7 @@ from jaxprune._tree import (
     slice_name,
     stacked_axes,
 )
+from jaxprune.nm import default_axis, slice_patterns
 
 
 def _check_finite(params: PyTree, prunable: Mapping[str, bool]) -> None:
@@ -322,6 +323,7 @@ class LayerSummary:
     shape: tuple[int, ...]
     total: int
     kept: int
+    pattern: tuple[int, int] | None = None  # the N:M it satisfies (jaxprune.nm.slice_patterns)
 
     @property
     def kept_fraction(self) -> float:
@@ -368,16 +370,11 @@ class Summary:
                 f"{100 * self.kept_fraction:.2f}% ({ratio})",
             )
         )
-        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(5)]
-
-        def fmt(row):
-            return "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            ).rstrip()
-
-        rule = "-" * len(fmt(header))
-        return "\n".join([fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
+        if any(r.pattern for r in self.rows):
+            header += ("N:M",)
+            pattern = ["" if r.pattern is None else "{}:{}".format(*r.pattern) for r in self.rows]
+            lines = [(*line, p) for line, p in zip(lines, [*pattern, ""], strict=True)]
+        return table(header, lines[:-1], lines[-1], left=2)
 
 
 def summarize(
@@ -406,11 +403,17 @@ def summarize(
     >>> s.kept, s.total, s.rows[0].kept_fraction
     (1, 4, 0.25)
     """
-    check_like(params, masks, name="masks")
+    check_masks(params, masks)
     rule = default_where if where is None else where
     mask_of = dict(leaves_with_paths(masks))
+    # Counts are reductions where the masks lie; only scalars (one per slice) come to the host.
+    kept_of = {
+        path: jax.device_get(jnp.sum(mask_of[path], dtype=jnp.int32))
+        for path, leaf in leaves_with_paths(params)
+        if is_array(leaf)
+    }
     shown = {
-        path: is_array(leaf) and (rule(path, leaf) or not np.all(np.asarray(mask_of[path])))
+        path: is_array(leaf) and (rule(path, leaf) or int(kept_of[path]) < leaf.size)
         for path, leaf in leaves_with_paths(params)
     }
     axes = stacked_axes(params, stacked, shown)
@@ -418,12 +421,21 @@ def summarize(
     for path, leaf in leaves_with_paths(params):
         if not shown[path]:
             continue
-        mask = np.broadcast_to(np.asarray(mask_of[path], dtype=bool), leaf.shape)
-        if path not in axes:
-            rows.append(LayerSummary(path, tuple(leaf.shape), int(leaf.size), int(mask.sum())))
+        shape, mask = tuple(leaf.shape), mask_of[path]
+        axis = axes.get(path)
+        if leaf.ndim == 0 or (axis is not None and leaf.ndim == 1):
+            patterns = [None] * (1 if axis is None else shape[0])
+        else:
+            n_axis = default_axis(path, leaf.ndim - (axis is not None))
+            n_axis += axis is not None and n_axis >= axis
+            patterns = slice_patterns(mask, n_axis, axis)
+        if axis is None:
+            rows.append(LayerSummary(path, shape, int(leaf.size), int(kept_of[path]), patterns[0]))
             continue
-        for i, part in enumerate(np.moveaxis(mask, axes[path], 0)):
-            rows.append(
-                LayerSummary(slice_name(path, i), part.shape, int(part.size), int(part.sum()))
-            )
+        others = tuple(d for d in range(len(shape)) if d != axis)
+        kept = jax.device_get(jnp.sum(mask, axis=others, dtype=jnp.int32))
+        part = shape[:axis] + shape[axis + 1 :]
+        for i, k in enumerate(kept):
+            size = leaf.size // shape[axis]
+            rows.append(LayerSummary(slice_name(path, i), part, size, int(k), patterns[i]))
     return Summary(tuple(rows))

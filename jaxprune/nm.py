@@ -42,6 +42,7 @@ from jaxprune._tree import (
 AxisSpec = int | Mapping[str, int] | None
 
 DETECTED_M = (2, 4, 8, 16)
+HALF_DENSE_M = (2, 4, 8)  # 1:2, 2:4, 4:8: the patterns summarize reports
 """The group sizes :func:`nm_pattern` tries."""
 
 _PRUNED_SCORE = -1.0  # below every magnitude, so a pruned connection is never kept again
@@ -303,6 +304,34 @@ def nm_pattern(
         if n < m and (best is None or (n / m, m) < best[:2]):
             best = (n / m, m, n)
     return None if best is None else (best[2], best[1])
+
+
+def slice_patterns(mask: Any, axis: int, stack: int | None = None) -> list[tuple[int, int] | None]:
+    """The half-dense N:M pattern (1:2, 2:4 or 4:8) ``mask`` satisfies along ``axis``, or None.
+
+    What :func:`jaxprune.summarize` reports: the patterns sparse tensor cores run, the tightest
+    first. Unlike :func:`nm_pattern` it runs as reductions on the mask where it lies (sharded
+    masks stay sharded) and fetches a few counts. With ``stack``, one entry per index of that
+    axis (a stacked leaf's slices); else a one-entry list. A slice with nothing kept gives None.
+
+    >>> import numpy as np
+    >>> slice_patterns(np.array([[1, 0], [0, 0], [1, 1], [0, 1]], bool), 0)
+    [(2, 4)]
+    """
+    mask = jnp.asarray(mask, dtype=bool)
+    maxima = {}
+    for m in HALF_DENSE_M:
+        if mask.shape[axis] % m or mask.size == 0:
+            continue
+        groups = mask.reshape(_group_shape(mask.shape, axis, m))
+        sums = jnp.sum(groups, axis=axis + 1, dtype=jnp.int32)
+        maxima[m] = jnp.max(sums, axis=tuple(d for d in range(sums.ndim) if d != stack))
+    n_slices = 1 if stack is None else mask.shape[stack]
+    fetched = {m: np.broadcast_to(n, (n_slices,)) for m, n in jax.device_get(maxima).items()}
+    return [
+        next(((m // 2, m) for m, n in fetched.items() if 0 < n[i] <= m // 2), None)
+        for i in range(n_slices)
+    ]
 
 
 def nm_patterns(

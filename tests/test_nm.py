@@ -185,6 +185,25 @@ def test_nm_pattern_detection():
         nm_pattern(mask, axis=5)
 
 
+def test_summarize_reports_the_half_dense_pattern():
+    rng = np.random.default_rng(0)
+    params = {
+        "fc": {"kernel": rng.normal(size=(64, 32)).astype(np.float32)},
+        "layers": {"kernel": rng.normal(size=(2, 16, 8)).astype(np.float32)},
+    }
+    stacked = {"layers": 0}
+    summary = jaxprune.summarize(params, nm_masks(params, 2, 4, stacked=stacked), stacked=stacked)
+    assert [r.pattern for r in summary.rows] == [(2, 4)] * 3
+    assert "N:M" in str(summary) and "2:4" in str(summary)
+    one_in_four = jaxprune.summarize(
+        params, nm_masks(params, 1, 4, stacked=stacked), stacked=stacked
+    )
+    assert {r.pattern for r in one_in_four.rows} == {(1, 2)}  # 1 of 4 is also 1 of every 2
+    # An unstructured mask at 50% breaks every half-dense pattern on a layer this size.
+    han = jaxprune.summarize(params, jaxprune.masks_for_sparsity(params, 0.5, stacked=stacked))
+    assert [r.pattern for r in han.rows] == [None, None] and "N:M" not in str(han)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
