@@ -1,9 +1,10 @@
 """Bytes on disk of pruned LeNets: dense .npz, BCOO with int32 indices, and jaxprune.storage files.
 
-Weights are random (no training): magnitude-pruned per layer to the kept fractions Han et al. 2015
-report (Table 2 for LeNet-300-100, Table 3 for LeNet-5). Two weight distributions: uniform
-("random magnitudes") and Gaussian with std sqrt(2 / fan_in) (closer to trained weights). Ratios
-are dense .npz bytes / file bytes, so higher is better.
+Weights are random (no training): magnitude-pruned per layer (``jaxprune.masks_for_sparsity``) to
+the kept fractions Han et al. 2015 report (Table 2 for LeNet-300-100, Table 3 for LeNet-5), and
+exported by ``jaxprune.to_bcoo``. Two weight distributions: uniform ("random magnitudes") and
+Gaussian with std sqrt(2 / fan_in) (closer to trained weights). Ratios are dense .npz bytes / file
+bytes, so higher is better.
 
 Usage: python benchmarks/file_size.py [--quick] [--seed N]
 """
@@ -15,8 +16,8 @@ import os
 import tempfile
 
 import numpy as np
-from jax.experimental.sparse import BCOO
 
+import jaxprune
 from jaxprune.storage import load, save
 
 # (name, kernel shape, kept fraction); biases have the kernel's last dimension.
@@ -42,17 +43,10 @@ def make_weights(layers, distribution: str, rng: np.random.Generator) -> dict:
     return params
 
 
-def prune(params: dict, layers) -> dict:
-    """Keeps the largest-magnitude fraction of each kernel, exactly as many as asked."""
-    pruned = {}
-    for name, shape, kept in layers:
-        kernel = params[name]["kernel"]
-        n_keep = round(kept * kernel.size)
-        order = np.argsort(np.abs(kernel).ravel())[::-1]
-        mask = np.zeros(kernel.size, bool)
-        mask[order[:n_keep]] = True
-        pruned[name] = {"kernel": kernel * mask.reshape(shape), "bias": params[name]["bias"]}
-    return pruned
+def prune(params: dict, layers) -> tuple[dict, dict]:
+    """Masks keeping the largest-magnitude fraction of each kernel, and the params they prune."""
+    masks = jaxprune.masks_for_sparsity(params, {name: 1.0 - kept for name, _, kept in layers})
+    return masks, jaxprune.apply_masks(params, masks)
 
 
 def npz_bytes(directory: str, name: str, arrays: dict) -> int:
@@ -61,29 +55,11 @@ def npz_bytes(directory: str, name: str, arrays: dict) -> int:
     return os.path.getsize(path)
 
 
-def to_bcoo(kernel: np.ndarray) -> BCOO:
-    # Built from numpy: eager BCOO.fromdense compiles per shape and takes seconds here.
-    indices = np.argwhere(kernel != 0).astype(np.int32)
-    return BCOO((kernel[tuple(indices.T)], indices), shape=kernel.shape, indices_sorted=True)
-
-
-def dense_of(matrix: BCOO) -> np.ndarray:
-    out = np.zeros(matrix.shape, np.float32)
-    out[tuple(np.asarray(matrix.indices).T)] = np.asarray(matrix.data)
-    return out
-
-
-def bcoo_tree(pruned: dict) -> dict:
-    return {
-        name: {"kernel": to_bcoo(layer["kernel"]), "bias": layer["bias"]}
-        for name, layer in pruned.items()
-    }
-
-
 def report(model: str, layers, distribution: str, *, quick: bool, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    pruned = prune(make_weights(layers, distribution, rng), layers)
-    sparse = bcoo_tree(pruned)
+    params = make_weights(layers, distribution, rng)
+    masks, pruned = prune(params, layers)
+    sparse = jaxprune.to_bcoo(params, masks)
     with tempfile.TemporaryDirectory() as d:
         dense = npz_bytes(
             d, "dense", {f"{n}_{k}": v for n, layer in pruned.items() for k, v in layer.items()}
@@ -101,9 +77,9 @@ def report(model: str, layers, distribution: str, *, quick: bool, seed: int) -> 
         def ours(label: str, **options) -> None:
             path = os.path.join(d, "model.jxp")
             r = save(path, sparse, **options)
-            loaded = load(path)
+            loaded = jaxprune.to_dense(load(path))
             for name in sparse:  # check the file really holds the model
-                got = dense_of(loaded[name]["kernel"])
+                got = np.asarray(loaded[name]["kernel"])
                 want = pruned[name]["kernel"]
                 error = float(np.max(np.abs(got - want)))
                 assert error <= r.max_abs_error, (label, name, error, r.max_abs_error)
@@ -120,7 +96,7 @@ def report(model: str, layers, distribution: str, *, quick: bool, seed: int) -> 
             ours("jaxprune shared 8-bit", values="shared", bits=8)
         ours("jaxprune shared 5-bit", values="shared", bits=5)
 
-    kept = sum(round(k * np.prod(s)) for _, s, k in layers)
+    kept = sum(int(np.sum(masks[name]["kernel"])) for name, _, _ in layers)
     total = sum(int(np.prod(s)) for _, s, _ in layers)
     print(f"\n{model}, {distribution} weights, {kept}/{total} weights kept ({kept / total:.1%})")
     print(f"{'file':<30} {'bytes':>9} {'dense/file':>10} {'max abs error':>14}  index per layer")

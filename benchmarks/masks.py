@@ -1,11 +1,13 @@
 """Time jitted ``compute_masks`` against a jitted copy of the same parameter tree.
 
-Both run in the same process, interleaved, so the printed ratio is robust to machine drift.
-Also prints XLA's memory analysis: the extra bytes per parameter that the masks cost.
+Both run in the same process, interleaved (``measure.interleaved_medians``), so the printed ratio
+is robust to machine drift; beside it, the cores other processes kept busy meanwhile
+(``measure.Load``: /proc/stat, our own CPU time subtracted). Also prints XLA's memory analysis:
+the extra bytes per parameter that the masks cost.
 
 Then the scaling table: ``masks_for_sparsity`` (layer and global scope) beside ``compute_masks``
-at 1M / 10M / 100M parameters, each figure with the CPU load of other processes while it ran
-(from /proc/stat, our own CPU time subtracted).
+at 1M / 10M / 100M parameters, each row with the others' load while it ran (one figure per row:
+/proc/stat counts in 10 ms ticks, too coarse for one call of the small trees).
 
     python benchmarks/masks.py            # 24 matrices of 2048x2048 (about 100M float32)
     python benchmarks/masks.py --quick    # 4 matrices of 512x512; the table at 65K and 1M
@@ -14,41 +16,13 @@ at 1M / 10M / 100M parameters, each figure with the CPU load of other processes 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
+from measure import Load, interleaved_medians
 
 import jaxprune
-
-
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
-def _busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def timed_with_load(fn, *args) -> tuple[float, float]:
-    """Seconds one call took, and the cores other processes kept busy meanwhile."""
-    busy, own, start = _busy_seconds(), _own_seconds(), time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    wall = time.perf_counter() - start
-    others = max((_busy_seconds() - busy) - (_own_seconds() - own), 0.0)
-    return wall, others / max(wall, 1e-9)
 
 
 def tree_of(n_params: int) -> dict:
@@ -67,29 +41,27 @@ def scaling_table(sizes: list[int], repeats: int) -> None:
         "sparsity layer": lambda p: jaxprune.masks_for_sparsity(p, 0.9),
         "sparsity global": lambda p: jaxprune.masks_for_sparsity(p, 0.9, scope="global"),
     }
-    print("\nscaling (eager calls, median of", repeats, "; load = other processes' cores)")
-    print(f"{'params':>8}  " + "  ".join(f"{name:>26}" for name in fns) + "  ratios layer / global")
+    print(f"\nscaling (eager calls, median of {repeats}, interleaved)")
+    print(
+        f"{'params':>8}  "
+        + "  ".join(f"{name:>15}" for name in fns)
+        + "  ratios layer / global  others' load"
+    )
     for n in sizes:
         params = tree_of(n)
-        jax.block_until_ready([f(params) for f in fns.values()])  # compile all
-        runs = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, f in fns.items():
-                runs[name].append(timed_with_load(f, params))
-        med = {
-            name: (
-                statistics.median(t for t, _ in r),
-                statistics.median(load for _, load in r),
+        with Load() as load:
+            med = interleaved_medians(
+                {name: functools.partial(f, params) for name, f in fns.items()},
+                repeats,
+                budget_s=0.0,
             )
-            for name, r in runs.items()
-        }
-        cells = [f"{1e3 * t:10.1f} ms (load {load:.2f})" for t, load in med.values()]
-        base = med["compute_masks"][0]
+        base = med["compute_masks"]
         size = sum(x.size for x in jax.tree.leaves(params))
         print(
             f"{size / 1e6:7.1f}M  "
-            + "  ".join(f"{c:>26}" for c in cells)
-            + f"  {med['sparsity layer'][0] / base:.1f}x / {med['sparsity global'][0] / base:.1f}x"
+            + "  ".join(f"{1e3 * t:12.1f} ms" for t in med.values())
+            + f"  {med['sparsity layer'] / base:13.1f}x / {med['sparsity global'] / base:.1f}x"
+            + f"  {load.cores:7.2f} cores"
         )
         del params
 
@@ -110,13 +82,16 @@ def main() -> None:
     masks_fn = jax.jit(jaxprune.compute_masks)
     copy_fn = jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p))
     q = jnp.float32(1.0)
-    jax.block_until_ready((masks_fn(params, q), copy_fn(params)))  # compile both
-
-    mask_times, copy_times = [], []
-    for _ in range(args.repeats):
-        mask_times.append(timed(masks_fn, params, q))
-        copy_times.append(timed(copy_fn, params))
-    t_mask, t_copy = statistics.median(mask_times), statistics.median(copy_times)
+    with Load() as load:
+        med = interleaved_medians(
+            {
+                "masks": functools.partial(masks_fn, params, q),
+                "copy": functools.partial(copy_fn, params),
+            },
+            args.repeats,
+            budget_s=0.0,  # exactly --repeats rounds
+        )
+    t_mask, t_copy = med["masks"], med["copy"]
 
     mem = masks_fn.lower(params, q).compile().memory_analysis()
     extra = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / n_params if mem else float("nan")
@@ -125,7 +100,10 @@ def main() -> None:
     print(f"tree: {count} x {side}x{side} float32 = {n_params / 1e6:.1f}M parameters")
     print(f"compute_masks (jit), median of {args.repeats}: {1e3 * t_mask:8.2f} ms")
     print(f"copy x + 0   (jit), median of {args.repeats}: {1e3 * t_copy:8.2f} ms")
-    print(f"ratio masks / copy: {t_mask / t_copy:.2f}  (target <= 0.70)")
+    print(
+        f"ratio masks / copy: {t_mask / t_copy:.2f}  (target <= 0.70; others' load "
+        f"{load.cores:.2f} cores)"
+    )
     print(f"extra memory (masks output + XLA temporaries): {extra:.2f} bytes per parameter")
     print(f"kept at q=1: {100 * kept:.1f}% (a Gaussian keeps about 31.7%)")
     del params

@@ -11,8 +11,10 @@ script trains LeNet-300-100 briefly and compares, side by side in one run:
 
 and times plain dense inference (jitted ``model.apply``) of each shrunk model against the original
 at batch 1, 64 and 1024. Ratios are measured interleaved in one run since absolute times drift on a
-shared machine. Data: real MNIST from ``--data`` (default ``../shared/data/mnist`` beside the checkout, when it
-exists), else scikit-learn's 8x8 digits. ``--quick`` trains on the digits for a few steps only.
+shared machine (``measure.interleaved_medians``: the median of single calls over shuffled rounds),
+each row with the cores other processes kept busy meanwhile (``measure.Load``). Data: real MNIST
+from ``--data`` (default ``../shared/data/mnist`` beside the checkout, when it exists), else
+scikit-learn's 8x8 digits. ``--quick`` trains on the digits for a few steps only.
 
 Run: ``.venv/bin/python benchmarks/shrink.py [--quick] [--data DIR]``.
 """
@@ -20,9 +22,10 @@ Run: ``.venv/bin/python benchmarks/shrink.py [--quick] [--data DIR]``.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import pathlib
-import statistics
-import time
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,10 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune._tree import leaves_with_paths
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # a test imports this file by path
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from measure import Load, interleaved_medians
+
 from jaxprune.demo.data import Dataset, batches, load_digits, load_mnist
 from jaxprune.demo.models import LeNet300100
-from jaxprune.masks import apply_masks
+from jaxprune.masks import apply_masks, masks_for_sparsity
 from jaxprune.structured import neuron_masks, shrink
 from jaxprune.transform import keep_pruned, update_masks
 
@@ -109,48 +115,9 @@ def _accuracy(apply: Callable, params: Any, data: Dataset) -> float:
 
 def _unstructured_masks(params: Any, kept: float, previous: Any) -> Any:
     """Magnitude masks keeping ``kept`` of fc1's and fc2's weights and 3.25x that of fc3's
-    (Han et al. 2015, Table 2: 8%, 9%, 26%); what ``previous`` pruned stays pruned.
-
-    NumPy on purpose: a handful of host sorts, where eager jnp ops would compile once per shape.
-    """
-
-    def one(path: str, leaf: Any, prev: Any) -> Any:
-        if not path.endswith("/kernel"):
-            return prev
-        fraction = min(3.25 * kept, 1.0) if path.startswith("fc3/") else kept
-        magnitude = np.where(np.asarray(prev), np.abs(np.asarray(leaf)), -1.0).ravel()
-        order = np.argsort(-magnitude, kind="stable")
-        keep = np.zeros(magnitude.size, bool)
-        keep[order[: round(fraction * magnitude.size)]] = True
-        return jnp.asarray(keep.reshape(leaf.shape) & np.asarray(prev))
-
-    paths = [p for p, _ in leaves_with_paths(params)]
-    new = [
-        one(p, leaf, m)
-        for p, leaf, m in zip(paths, *map(jax.tree.leaves, (params, previous)), strict=True)
-    ]
-    return jax.tree.unflatten(jax.tree.structure(params), new)
-
-
-def _time_ratios(
-    fns: dict[str, tuple[Callable, Any]], x: jax.Array, *, repeats: int, budget_s: float
-) -> dict[str, float]:
-    """Median seconds per call of each model, measured interleaved (round-robin)."""
-    for fn, params in fns.values():  # compile and warm up
-        fn(params, x).block_until_ready()
-    t0 = time.perf_counter()
-    fns["original"][0](fns["original"][1], x).block_until_ready()
-    calls = max(
-        1, min(200, int(budget_s / repeats / len(fns) / max(time.perf_counter() - t0, 1e-6)))
-    )
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, (fn, params) in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn(params, x).block_until_ready()
-            samples[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    (Han et al. 2015, Table 2: 8%, 9%, 26%); what ``previous`` pruned stays pruned."""
+    sparsity = {"fc1": 1.0 - kept, "fc2": 1.0 - kept, "fc3": 1.0 - min(3.25 * kept, 1.0)}
+    return masks_for_sparsity(params, sparsity, previous=previous)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -235,17 +202,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ratios: dict[str, dict[int, float]] = {"neuron50": {}, "unstructured8": {}}
     print("\ndense inference, median time per call (ratio = shrunk / original)")
     print(
-        f"  {'batch':>5}  {'original':>10}  {'neuron50':>10} {'ratio':>6}  {'unstr8':>10} {'ratio':>6}"
+        f"  {'batch':>5}  {'original':>10}  {'neuron50':>10} {'ratio':>6}  {'unstr8':>10} "
+        f"{'ratio':>6}  others' load"
     )
     for b in BATCHES:
         x = jnp.asarray(np.random.default_rng(b).random((b, *shape), np.float32))
-        t = _time_ratios(fns, x, repeats=repeats, budget_s=budget)
+        calls = {name: functools.partial(fn, p, x) for name, (fn, p) in fns.items()}
+        with Load() as load:
+            t = interleaved_medians(calls, repeats=repeats, budget_s=budget)
         for name in ratios:
             ratios[name][b] = t[name] / t["original"]
         print(
             f"  {b:>5}  {1e6 * t['original']:>8.1f}us  {1e6 * t['neuron50']:>8.1f}us "
             f"{ratios['neuron50'][b]:>6.2f}  {1e6 * t['unstructured8']:>8.1f}us "
-            f"{ratios['unstructured8'][b]:>6.2f}"
+            f"{ratios['unstructured8'][b]:>6.2f}  {load.cores:.2f} cores"
         )
     target = "met" if ratios["neuron50"][1024] <= 0.6 else "NOT met"
     print(f"\ntarget neuron50 <= 0.6x original at batch 1024: {target}")

@@ -3,16 +3,19 @@
 Each zoo Transformer (Embed, attention through DenseGeneral/LinearGeneral, MLP; plain and
 scan-stacked) is pruned to 70% and 90% per layer and run by ``jaxprune.sparse_apply`` (the
 ``auto`` rule and BCSR forced) and by the masked dense model under ``jax.jit``, at batch 1 and 64
-sequences. Printed: time / dense time (lower is better), interleaved and the median taken, and the
-cores busy during that measurement from /proc/stat (2 cores here; load from other jobs moves
-small-model ratios by +-20%). The zoo's models are tiny (width 16), so these ratios measure the
+sequences. Printed: time / dense time (lower is better), interleaved and the median taken
+(``measure.interleaved_medians``), and the cores other processes kept busy during that
+measurement (``measure.Load``; 2 cores here; load from other jobs moves small-model ratios by
++-20%). The zoo's models are tiny (width 16), so these ratios measure the
 overhead of the sparse path more than its gains.
 
 Run ``python benchmarks/sparse_transformer.py`` (about a minute) or ``--quick``. Measured here
 (jax 0.10.2, 2 cores, load 1.5-2.0 cores busy, i.e. shared with another job), auto / bcsr:
 Linen plain 0.94-1.03 / 0.98-1.13, Linen scan 0.94-1.03 / 1.24-2.14, NNX plain 0.59-0.89 /
 0.72-0.94, NNX scan 0.67-0.92 / 1.18-1.56 (auto keeps these small layers dense; the NNX dense
-reference pays nnx.State flattening per call, which SparseApply does once).
+reference pays nnx.State flattening per call, which SparseApply does once). Those load figures
+counted every busy core, this process's own included; the column now counts other processes
+only, so they are not comparable with it.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import zoo
-from sparse_inference import _interleaved_medians
-from zoo_oneshot import _cpu_busy, _load
+from measure import Load, interleaved_medians
 
 import jaxprune
 
@@ -45,7 +47,10 @@ def main() -> None:
     args = parser.parse_args()
     names, sparsities = (MODELS[1:2], (0.9,)) if args.quick else (MODELS, (0.7, 0.9))
     print(f"jax {jax.__version__}, {os.cpu_count()} cores; time / dense jit")
-    print(f"{'model':24} {'pruned':>6} {'batch':>5} {'dense us':>9} {'auto':>6} {'bcsr':>6} load")
+    print(
+        f"{'model':24} {'pruned':>6} {'batch':>5} {'dense us':>9} {'auto':>6} {'bcsr':>6} "
+        "others' load"
+    )
     for name in names:
         model = zoo.zoo()[name]
         for sparsity in sparsities:
@@ -63,13 +68,13 @@ def main() -> None:
                 x = _tokens(batch)
                 fns = {"dense": functools.partial(dense, masked, x)}
                 fns.update({fmt: functools.partial(fn, x) for fmt, fn in sparse.items()})
-                before = _cpu_busy()
-                t = _interleaved_medians(fns, repeats=20, budget_s=1.0 if args.quick else 3.0)
-                load = _load(before, _cpu_busy())
+                with Load() as load:
+                    t = interleaved_medians(fns, repeats=20, budget_s=1.0 if args.quick else 3.0)
                 np.testing.assert_allclose(fns["auto"](), fns["dense"](), rtol=1e-4, atol=1e-4)
                 print(
                     f"{name:24} {sparsity:6.0%} {batch:5d} {t['dense'] * 1e6:9.0f} "
-                    f"{t['auto'] / t['dense']:6.2f} {t['bcsr'] / t['dense']:6.2f} {load:4.1f}"
+                    f"{t['auto'] / t['dense']:6.2f} {t['bcsr'] / t['dense']:6.2f} "
+                    f"{load.cores:4.1f} cores"
                 )
 
 

@@ -11,7 +11,8 @@ at once (``masks_for_sparsity(params, 0.7)``, no retraining) under two rules:
   and scan-stack biases and norm scales too), one layer per leaf.
 
 It prints test accuracy (mean +- std over seeds) dense and after each prune, and which leaves
-each rule prunes. The machine's load is read from /proc/stat around the run.
+each rule prunes. Beside each model, the cores other processes kept busy while it trained and was
+pruned (``measure.Load``; before, this column counted every busy core, ours included).
 
     python benchmarks/zoo_oneshot.py [--seeds N] [--steps N] [--quick]
 """
@@ -28,23 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from measure import Load, mean_std
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import zoo
 
 import jaxprune
 from jaxprune._tree import leaves_with_paths
-
-
-def _cpu_busy() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return sum(fields) - fields[3] - fields[4], sum(fields)
-
-
-def _load(before, after) -> float:
-    busy, total = after[0] - before[0], after[1] - before[1]
-    return os.cpu_count() * busy / max(total, 1)
 
 
 def _digits():
@@ -146,25 +137,24 @@ def main() -> None:
     args = parser.parse_args()
     seeds, steps = (1, 20) if args.quick else (args.seeds, args.steps)
     data = {"images": _digits(), "tokens": _sequences()}
-    print(f"{'model':<24} {'dense':>13} {'default 70%':>13} {'ndim>=2 70%':>13}  load")
+    print(f"{'model':<24} {'dense':>13} {'default 70%':>13} {'ndim>=2 70%':>13}  others' load")
     for name, (kind, make, style) in MODELS.items():
         train, test = data[kind]
         stacked = {"layers": 0} if name.endswith("_scan") else None
         scores = {"dense": [], "default": [], "ndim": []}
-        before = _cpu_busy()
-        for seed in range(seeds):
-            if style == "nnx":
-                params, apply = _train_nnx(make, train, steps, seed)
-            else:
-                params, apply = _train_linen(make(), train, steps, seed, style == "linen_bn")
-            scores["dense"].append(_accuracy(apply, params, test))
-            default = jaxprune.masks_for_sparsity(params, 0.7, stacked=stacked)
-            old = jaxprune.masks_for_sparsity(params, 0.7, where=_ndim_rule)
-            for key, masks in (("default", default), ("ndim", old)):
-                scores[key].append(_accuracy(apply, jaxprune.apply_masks(params, masks), test))
-        load = _load(before, _cpu_busy())
-        cells = [f"{100 * np.mean(v):6.1f}+-{100 * np.std(v):4.1f}" for v in scores.values()]
-        print(f"{name:<24} {cells[0]:>13} {cells[1]:>13} {cells[2]:>13}  {load:.1f} cores")
+        with Load() as load:
+            for seed in range(seeds):
+                if style == "nnx":
+                    params, apply = _train_nnx(make, train, steps, seed)
+                else:
+                    params, apply = _train_linen(make(), train, steps, seed, style == "linen_bn")
+                scores["dense"].append(_accuracy(apply, params, test))
+                default = jaxprune.masks_for_sparsity(params, 0.7, stacked=stacked)
+                old = jaxprune.masks_for_sparsity(params, 0.7, where=_ndim_rule)
+                for key, masks in (("default", default), ("ndim", old)):
+                    scores[key].append(_accuracy(apply, jaxprune.apply_masks(params, masks), test))
+        cells = [mean_std(v) for v in scores.values()]
+        print(f"{name:<24} {cells[0]:>13} {cells[1]:>13} {cells[2]:>13}  {load.cores:.1f} cores")
         pruned = [p for p, x in leaves_with_paths(params) if jaxprune.default_where(p, x)]
         extra = [
             p for p, x in leaves_with_paths(params) if _ndim_rule(p, x) and p not in set(pruned)

@@ -1,13 +1,21 @@
-"""What the examples share: shuffled batches, the machine's load, mean +- std cells."""
+"""What the examples share: shuffled batches; the machine's load and mean ± std cells come from
+``benchmarks/measure.py``, which the benchmarks use too."""
 
 from __future__ import annotations
 
 import os
-import time
+import sys
 from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
+
+_BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+if _BENCHMARKS not in sys.path:
+    sys.path.append(_BENCHMARKS)
+from measure import Load, mean_std  # noqa: E402
+
+__all__ = ["Load", "batches", "mean_std"]
 
 
 def batches(data, seed: int, size: int = 64) -> Iterator[tuple[jnp.ndarray, jnp.ndarray]]:
@@ -16,42 +24,3 @@ def batches(data, seed: int, size: int = 64) -> Iterator[tuple[jnp.ndarray, jnp.
     for i in range(0, len(order) - size + 1, size):
         idx = order[i : i + size]
         yield jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
-
-
-def _busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-class Load:
-    """What other processes kept busy while the block ran, in cores (ours subtracted)."""
-
-    def __enter__(self) -> Load:
-        self._start = (_busy_seconds(), _own_seconds(), time.perf_counter())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        busy, own, wall = (
-            b - a
-            for a, b in zip(
-                self._start, (_busy_seconds(), _own_seconds(), time.perf_counter()), strict=True
-            )
-        )
-        self.cores = max(busy - own, 0.0) / max(wall, 1e-9)
-
-
-def fmt_spread(values) -> str:
-    """``mean +- std`` in percent (just the mean for one value)."""
-    if not values:
-        return ""
-    mean = 100 * float(np.mean(values))
-    return (
-        f"{mean:.1f}%" if len(values) == 1 else f"{mean:.1f} ± {100 * float(np.std(values)):.1f}%"
-    )

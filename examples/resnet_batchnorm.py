@@ -38,7 +38,7 @@ from jaxprune.demo.data import load_dataset
 from jaxprune.demo.run import compare_times, dense_npz_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Load, batches, fmt_spread
+from common import Load, batches, mean_std
 
 KEPT = (0.30, 0.15, 0.08)
 REESTIMATE = 20  # batches of 64 to re-estimate the statistics on
@@ -246,10 +246,10 @@ def main(argv=None) -> dict:
         "Han rounds, re-estimated",
     ):
         table.add_column(col, justify="right")
-    table.add_row("100% (dense)", fmt_spread(dense_acc), "", "", "")
+    table.add_row("100% (dense)", mean_std(dense_acc), "", "", "")
     for kept, r in rows.items():
         table.add_row(
-            f"{kept:.0%}", *(fmt_spread(r[c]) for c in ("stale", "fresh", "plain", "reest"))
+            f"{kept:.0%}", *(mean_std(r[c]) for c in ("stale", "fresh", "plain", "reest"))
         )
     console.print(table)
 

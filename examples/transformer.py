@@ -41,7 +41,7 @@ import jaxprune
 from jaxprune.demo.run import compare_times, dense_npz_bytes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Load, fmt_spread
+from common import Load, mean_std
 
 VOCAB, SEQ, D, HEADS, LAYERS, CLASSES = 16, 8, 32, 4, 2, 4
 KEPT = (0.30, 0.15, 0.08)
@@ -262,12 +262,12 @@ def main(argv=None) -> dict:
         table = Table(title=f"NNX Transformer ({name}): test accuracy, {args.seeds} seed(s)")
         for col in ("weights kept", "prune_and_retrain", "nnx.Optimizer + keep_pruned"):
             table.add_column(col, justify="right")
-        table.add_row("100% (dense)", fmt_spread(cells["dense"]), "")
+        table.add_row("100% (dense)", mean_std(cells["dense"]), "")
         for i, kept in enumerate(KEPT):
             table.add_row(
                 f"{kept:.0%}",
-                fmt_spread([a[i] for a in cells["driver"]]),
-                fmt_spread([a[i] for a in cells["nnx.Optimizer"]]),
+                mean_std([a[i] for a in cells["driver"]]),
+                mean_std([a[i] for a in cells["nnx.Optimizer"]]),
             )
         console.print(table)
         out = export_and_time(
