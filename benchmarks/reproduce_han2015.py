@@ -1,102 +1,312 @@
-"""Reproduce Han et al. 2015 on MNIST: both LeNets, our figures beside the paper's.
+"""Reproduce Han et al. 2015 on MNIST over seeds, beside the paper and two baselines.
 
-Runs ``jaxprune run`` for LeNet-300-100 and LeNet-5 with each model's recipe
-(``jaxprune.demo.recipes.RECIPES``, documented in the README), then reads each ``results.json`` and
-prints one table. Each run checkpoints, so an interrupted reproduction goes on
-with ``--resume``.
+For each seed 0..N-1 this runs ``jaxprune run`` with the model's recipe
+(``jaxprune.demo.recipes.RECIPES``, documented in the README), then, from that run's own dense
+checkpoint (the dense model is not trained again), two baselines with the same retraining
+schedule (epochs, learning rate, cosine restarts, dropout rule, weight decay, seeds), pruned each
+round to Han's kept fractions of that round (Blalock et al. 2020 ask for such controls):
 
-    python benchmarks/reproduce_han2015.py                      # both models (tens of minutes)
-    python benchmarks/reproduce_han2015.py --model lenet300     # one of them
-    python benchmarks/reproduce_han2015.py --quick              # smoke run on the 8x8 digits
+* random: in every layer, Han's kept fraction of that layer, the survivors drawn uniformly at
+  random among the weights still kept (pruned stays pruned);
+* global magnitude: one magnitude threshold over all prunable layers, Han's total kept fraction.
+
+It prints, per model, the mean +- standard deviation over seeds of the dense error, of each
+round's error for the three and of the kept fraction, with the paper's figures, and the claim
+the means support: the fewest weights whose mean error is within 0.1 pt of the mean dense error.
+
+    python benchmarks/reproduce_han2015.py --model lenet300 --seeds 3   # ~3 min per run
+    python benchmarks/reproduce_han2015.py --seeds 3 --resume           # go on after a stop
+    python benchmarks/reproduce_han2015.py --quick --seeds 2            # 8x8 digits, seconds
+
+Each Han run checkpoints in ``OUT/MODEL/seedS``; ``--resume`` continues it and reuses finished
+baselines (``random.json``, ``global.json`` beside it), otherwise they are redone from scratch
+(``--overwrite``). ``--json`` writes the aggregated figures, ``--markdown`` prints README rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from jaxprune.demo import checkpoints, run
 from jaxprune.demo.cli import main as jaxprune_main
-from jaxprune.demo.recipes import PAPER
+from jaxprune.demo.data import load_dataset
+from jaxprune.demo.recipes import PAPER, Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import Load
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 QUICK = ["--epochs", "2", "--rounds", "2", "--q", "1,1.5", "--retrain-epochs", "1"]
 
+METHODS = ("han", "random", "global")
+# Han: magnitude per layer (q * std); random: Han's per-layer kept; global: Han's total kept.
+TITLES = {"han": "Han", "random": "random", "global": "global"}
+WITHIN = 0.001  # 0.1 percentage point of error
 
-def smallest_within(results: dict, points: float = 0.001) -> dict | None:
-    """The round with the fewest weights whose error is within ``points`` of the dense baseline."""
-    ok = [h for h in results["history"] if 1 - h["metric"] <= results["dense_error"] + points]
-    return min(ok, key=lambda h: h["kept_total"]) if ok else None
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def report(model: str, results: dict, seconds: float) -> Table:
-    paper = PAPER[model]
-    best = smallest_within(results)
-    table = Table(title=f"{model}: Han et al. 2015 against jaxprune ({results['data']['name']})")
-    for col in ("", "paper", "jaxprune"):
-        table.add_column(col, justify="right" if col else "left")
+def config_of(results: dict) -> Config:
+    """The :class:`Config` a ``results.json`` was made with."""
+    return Config(**{k: _tuples(v) for k, v in results["config"].items()}).checked()
 
-    def pct(x):
-        return f"{100 * x:.2f}%"
 
-    table.add_row("dense error", pct(paper["error_dense"]), pct(results["dense_error"]))
-    table.add_row("pruned error", pct(paper["error_pruned"]), pct(results["pruned_error"]))
-    table.add_row("weights kept", pct(paper["kept_total"]), pct(results["kept_fraction"]))
-    for layer, kept in results["kept_per_layer"].items():
-        name = layer.split("/")[0]
-        table.add_row(f"  {name}", pct(paper["kept"].get(name, float("nan"))), pct(kept))
-    table.add_row(
-        "compression", f"{1 / paper['kept_total']:.0f}x", f"{results['compression']:.1f}x"
+def baseline_config(han: Config, history: list[dict], kind: str) -> Config:
+    """Han's config with each round pruned to Han's kept fractions: ``kind`` random or global."""
+    if kind == "random":
+        keep = tuple(tuple(h["kept_fraction_per_layer"].items()) for h in history)
+        fields = {"ranking": "random", "scope": "layer"}
+    else:
+        keep = tuple(h["kept_fraction"] for h in history)
+        fields = {"ranking": "magnitude", "scope": "global"}
+    return dataclasses.replace(han, keep=keep, q=(), q_scale=(), **fields).checked()
+
+
+def han_run(model: str, seed: int, out: Path, args: argparse.Namespace) -> dict:
+    """One ``jaxprune`` run (the recipe, or the tiny digits schedule); returns its results."""
+    if args.quick:
+        argv = ["demo", "--model", model, *QUICK]
+    else:
+        if not args.data_dir.is_dir():
+            raise SystemExit(f"no MNIST at {args.data_dir}; pass --data-dir (or use --quick)")
+        argv = ["run", "--model", model, "--data-dir", str(args.data_dir)]
+    argv += ["--seed", str(seed), "--out", str(out), "--no-timing"]
+    argv.append("--resume" if args.resume else "--overwrite")
+    if jaxprune_main(argv) != 0:
+        raise SystemExit(f"jaxprune {' '.join(argv)} failed")
+    return json.loads((out / "results.json").read_text())
+
+
+def baseline_run(han_out: Path, results: dict, kind: str, resume: bool) -> list[dict]:
+    """Rounds of the ``kind`` baseline from the Han run's dense checkpoint, cached beside it."""
+    config = baseline_config(config_of(results), results["history"], kind)
+    cached = han_out / f"{kind}.json"
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))
+    if resume and cached.exists():
+        saved = json.loads(cached.read_text())
+        if saved.get("config") == wanted and saved.get("run_sha256") == results["run_sha256"]:
+            return saved["history"]
+    data = load_dataset(config.data_dir)
+    ckpt = checkpoints.Checkpoints(han_out, checkpoints.run_identity(config, data))
+    found = ckpt.load_dense(dense_only=True)  # refuses a dense model of other dense settings
+    if found is None:
+        raise SystemExit(f"no dense checkpoint in {ckpt.dir}")
+    states = list(run.rounds(config, data, found[0]))
+    history = [
+        {
+            "round": r.round + 1,
+            "kept_fraction": r.kept_total,
+            "kept_fraction_per_layer": r.kept,
+            "accuracy": r.metric,
+        }
+        for r in states[-1].history
+    ]
+    checkpoints.write_json(
+        cached, {"config": wanted, "run_sha256": results["run_sha256"], "history": history}
     )
-    if best is not None:
+    return history
+
+
+def seed_run(model: str, seed: int, args: argparse.Namespace, console: Console) -> dict:
+    """Han's run and both baselines for one seed: errors and kept fractions per round."""
+    out = args.out / model / f"seed{seed}"
+    start = time.perf_counter()
+    results = han_run(model, seed, out, args)
+    record = {
+        "seed": seed,
+        "data": results["data"]["name"],
+        "dense_error": results["dense_error"],
+        "kept_fraction_per_layer": results["kept_fraction_per_layer"],
+    }
+    for kind in METHODS:
+        if kind == "han":
+            history = results["history"]
+        else:
+            with console.status(f"{model} seed {seed}: {kind} baseline"):
+                history = baseline_run(out, results, kind, args.resume)
+        record[kind] = [
+            {"kept_fraction": h["kept_fraction"], "error": 1.0 - h["accuracy"]} for h in history
+        ]
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    values = [float(v) for v in values]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def aggregate(model: str, records: list[dict]) -> dict:
+    """Mean +- std over seeds of the dense error, each round's errors and kept fractions."""
+    rounds = len(records[0]["han"])
+    summary: dict[str, Any] = {
+        "model": model,
+        "data": records[0]["data"],
+        "seeds": [r["seed"] for r in records],
+        "paper": PAPER[model],
+        "dense_error": mean_std([r["dense_error"] for r in records]),
+        "rounds": [],
+        "kept_fraction_per_layer": {
+            layer: mean_std([r["kept_fraction_per_layer"][layer] for r in records])
+            for layer in records[0]["kept_fraction_per_layer"]
+        },
+        "seconds": mean_std([r["seconds"] for r in records]),
+    }
+    for k in range(rounds):
+        row = {"round": k + 1}
+        for kind in METHODS:
+            row[kind] = {
+                "error": mean_std([r[kind][k]["error"] for r in records]),
+                "kept_fraction": mean_std([r[kind][k]["kept_fraction"] for r in records]),
+            }
+        summary["rounds"].append(row)
+    summary["fewest_within"] = {kind: fewest_within(summary, kind) for kind in METHODS}
+    return summary
+
+
+def fewest_within(summary: dict, kind: str, points: float = WITHIN) -> dict | None:
+    """The round of fewest mean kept weights whose MEAN error is within ``points`` of dense."""
+    limit = summary["dense_error"]["mean"] + points
+    ok = [r for r in summary["rounds"] if r[kind]["error"]["mean"] <= limit]
+    if not ok:
+        return None
+    best = min(ok, key=lambda r: r[kind]["kept_fraction"]["mean"])
+    return {
+        "round": best["round"],
+        "kept_fraction": best[kind]["kept_fraction"]["mean"],
+        "error": best[kind]["error"]["mean"],
+    }
+
+
+def pm(stat: dict, scale: float = 100.0, digits: int = 2) -> str:
+    """``'1.62 ± 0.04%'``."""
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}%"
+
+
+def claim(summary: dict, kind: str = "han") -> str:
+    best = summary["fewest_within"][kind]
+    head = "fewest weights whose MEAN error is within 0.1 pt of the mean dense error"
+    if best is None:
+        return f"{head}: none (no round's mean error is that close)"
+    return (
+        f"{head}: {100 * best['kept_fraction']:.2f}% (round {best['round']}, mean error "
+        f"{100 * best['error']:.2f}%)"
+    )
+
+
+def table(summary: dict) -> Table:
+    """One rich table: dense, every round (Han, random, global), per-layer kept, the paper."""
+    paper, n = summary["paper"], len(summary["seeds"])
+    table = Table(
+        title=f"{summary['model']} on {summary['data']}: mean ± std over {n} seeds",
+        caption=claim(summary)
+        + "\n(Han: magnitude per layer; random: Han's kept per layer, drawn at random; "
+        "global: one magnitude threshold, Han's total kept)",
+    )
+    table.add_column("")
+    table.add_column("kept")
+    for kind in METHODS:
+        table.add_column(f"{TITLES[kind]} error", justify="right")
+    table.add_column("paper", justify="right")
+    dense = pm(summary["dense_error"])
+    table.add_row("dense", "100%", dense, dense, dense, f"{100 * paper['error_dense']:.2f}%")
+    last = len(summary["rounds"])
+    for row in summary["rounds"]:
+        errors = [pm(row[kind]["error"]) for kind in METHODS]
+        mark = ""
+        if row["round"] == last:
+            mark = f"{100 * paper['error_pruned']:.2f}% at {100 * paper['kept_total']:.0f}%"
+        table.add_row(f"round {row['round']}", pm(row["han"]["kept_fraction"]), *errors, mark)
+    for path, stat in summary["kept_fraction_per_layer"].items():
+        layer = path.rsplit("/", 1)[0]  # the path minus its last key, as the demo names layers
+        paper_kept = paper["kept"].get(layer)
         table.add_row(
-            "fewest weights within 0.1 pt",
-            "-",
-            f"{pct(best['kept_total'])} at {pct(1 - best['metric'])} (round {best['round'] + 1})",
+            f"  {layer} kept (last round)",
+            pm(stat),
+            "",
+            "",
+            "",
+            "-" if paper_kept is None else f"{100 * paper_kept:.0f}%",
         )
-    table.add_row(
-        "file vs dense .npz",
-        "-",
-        f"{results['file_ratio']:.1f}x smaller ({results['file_bytes']:,} B)",
-    )
-    for batch, t in results.get("inference", {}).items():
-        table.add_row(f"sparse/dense time, batch {batch}", "-", f"{t['ratio']:.2f}x")
-    table.add_row("wall time (2 cores)", "-", f"{seconds / 60:.1f} min")
+    table.add_row("wall time per seed", f"{summary['seconds']['mean'] / 60:.1f} min")
     return table
 
 
-def main() -> None:
+def markdown(summary: dict) -> str:
+    """The README table for one model (mean ± std over seeds), with the claim under it."""
+    paper, n = summary["paper"], len(summary["seeds"])
+    lines = [
+        f"**{summary['model']}** ({summary['data']}, mean ± std over {n} seeds)",
+        "",
+        "| | weights kept | Han et al. (magnitude, per layer) | random (same per-layer kept) "
+        "| global magnitude (same total kept) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| dense | 100% | {pm(summary['dense_error'])} | | |",
+    ]
+    for row in summary["rounds"]:
+        errors = " | ".join(pm(row[kind]["error"]) for kind in METHODS)
+        lines.append(f"| round {row['round']} | {pm(row['han']['kept_fraction'])} | {errors} |")
+    lines.append(
+        f"| paper | {100 * paper['kept_total']:.0f}% | {100 * paper['error_pruned']:.2f}% "
+        f"(dense {100 * paper['error_dense']:.2f}%) | | |"
+    )
+    lines += ["", claim(summary) + "."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+    """Runs the reproduction; returns ``{model: aggregated figures}`` (what ``--json`` writes)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["lenet300", "lenet5", "both"], default="both")
+    parser.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1")
     parser.add_argument("--data-dir", type=Path, default=MNIST)
     parser.add_argument("--out", type=Path, default=Path("runs/han2015"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a smoke run on the 8x8 digits")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="default: OUT/summary.json")
+    parser.add_argument("--markdown", action="store_true", help="also print the README rows")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
     console = Console()
     models = ["lenet300", "lenet5"] if args.model == "both" else [args.model]
-    tables = []
+    summaries = {}
     for model in models:
-        out = args.out / model
-        if args.quick:
-            argv = ["demo", "--model", model, *QUICK]
-        else:
-            if not args.data_dir.is_dir():
-                raise SystemExit(f"no MNIST at {args.data_dir}; pass --data-dir (or use --quick)")
-            argv = ["run", "--model", model, "--data-dir", str(args.data_dir)]
-        argv += ["--out", str(out)] + (["--resume"] if args.resume else [])
-        start = time.perf_counter()
-        if jaxprune_main(argv) != 0:
-            raise SystemExit(f"jaxprune {' '.join(argv)} failed")
-        results = json.loads((out / "results.json").read_text())
-        tables.append(report(model, results, time.perf_counter() - start))
-    for table in tables:
-        console.print(table)
+        with Load() as load:
+            records = [seed_run(model, s, args, console) for s in range(args.seeds)]
+        summaries[model] = aggregate(model, records)
+        summaries[model]["per_seed"] = records
+        summaries[model]["other_busy_cores"] = load.cores
+    for summary in summaries.values():
+        console.print(table(summary))
+        console.print(
+            f"other processes kept {summary['other_busy_cores']:.2f} cores busy on average"
+        )
+        for kind in ("random", "global"):
+            console.print(f"  {kind}: {claim(summary, kind)}")
+    if args.markdown:
+        for summary in summaries.values():
+            print(markdown(summary) + "\n")
+    path = args.json or args.out / "summary.json"
+    checkpoints.write_json(path, summaries)
+    console.print(f"wrote {path}")
+    return summaries
 
 
 if __name__ == "__main__":

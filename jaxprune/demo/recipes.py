@@ -64,7 +64,13 @@ class Config:
       epochs: dense training epochs.
       rounds: prune -> retrain rounds.
       q: Han's quality parameter per round (one value is used for every round).
-      keep: instead of ``q``, the fraction of each layer to keep after each round.
+      keep: instead of ``q``, the fraction to keep after each round: one float per round (of
+        each layer, or of all prunable weights together with ``scope='global'``), or per round a
+        ``((layer, fraction), ...)`` tuple naming each layer's own (``scope='layer'`` only).
+      scope: ``'layer'`` or ``'global'``: how ``keep`` is counted (see
+        :func:`jaxprune.masks_for_sparsity`); ``q`` is always per layer.
+      ranking: ``'magnitude'`` (Han et al.) or ``'random'``: with ``keep``, prune survivors chosen
+        uniformly at random instead of the smallest; the baseline of Blalock et al. 2020.
       q_scale: ``((layer, factor), ...)``: those layers are pruned with ``factor * q``; Han et al.
         prune sensitive layers (LeNet-5's conv1) far less than the fully connected ones.
       retrain_epochs: retraining epochs per round.
@@ -83,7 +89,9 @@ class Config:
     epochs: int = 30
     rounds: int = 6
     q: tuple[float, ...] = (1.0, 1.5, 1.9, 2.2, 2.4, 2.6)
-    keep: tuple[float, ...] | None = None
+    keep: tuple[float | tuple[tuple[str, float], ...], ...] | None = None
+    scope: str = "layer"
+    ranking: str = "magnitude"
     q_scale: tuple[tuple[str, float], ...] = ()
     retrain_epochs: int = 10
     lr: float = 0.1
@@ -125,8 +133,14 @@ class Config:
                 f"{flag} has {len(schedule)} values for {self.rounds} rounds; give one value "
                 "or one per round."
             )
-        if self.keep is not None and not all(0 < k <= 1 for k in schedule):
-            raise ConfigError(f"{{keep}} values must be fractions in (0, 1], got {schedule}.")
+        if self.scope not in ("layer", "global"):
+            raise ConfigError(f"unknown {{scope}} {self.scope!r}; choose layer or global.")
+        if self.ranking not in ("magnitude", "random"):
+            raise ConfigError(f"unknown {{ranking}} {self.ranking!r}; choose magnitude or random.")
+        if self.keep is None and (self.scope != "layer" or self.ranking != "magnitude"):
+            raise ConfigError("{scope} and {ranking} apply to {keep}, not to Han's {q} rule.")
+        if self.keep is not None:
+            schedule = tuple(_keep_value(k, self.scope) for k in schedule)
         if self.keep is None and not all(0 <= q < math.inf for q in schedule):
             raise ConfigError(f"{{q}} values must be finite and >= 0, got {schedule}.")
         if not all(0 <= f < math.inf for _, f in self.q_scale):
@@ -135,8 +149,28 @@ class Config:
             )
         if self.q_scale and self.keep is not None:
             raise ConfigError("{q_scale} applies to {q}, not to {keep}.")
-        field = "keep" if self.keep is not None else "q"
-        return dataclasses.replace(self, **{field: tuple(float(v) for v in schedule)})
+        if self.keep is not None:
+            return dataclasses.replace(self, keep=schedule)
+        return dataclasses.replace(self, q=tuple(float(v) for v in schedule))
+
+
+def _keep_value(value, scope: str) -> float | tuple[tuple[str, float], ...]:
+    """One round's ``keep``, checked: a fraction, or ``((layer, fraction), ...)`` per layer."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        pairs, single = (("", value),), True
+    else:
+        try:
+            pairs, single = tuple((str(k), v) for k, v in value), False
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{{keep}} values must be fractions or (layer, fraction) pairs, got {value!r}."
+            ) from None
+        if scope != "layer":
+            raise ConfigError("{keep} per layer needs {scope} layer; global keeps one fraction.")
+    for _, k in pairs:
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+            raise ConfigError(f"{{keep}} values must be fractions in (0, 1], got {value!r}.")
+    return float(pairs[0][1]) if single else tuple((name, float(k)) for name, k in pairs)
 
 
 # Our reproduction of Han et al. on real MNIST: what ``jaxprune run --model M`` does unless told

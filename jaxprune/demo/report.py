@@ -59,7 +59,12 @@ def round_line(record: RoundRecord, config: Config) -> str:
     """``round 2: q=1.4  kept 35.10%  (fc1 30.00%  fc2 ...)  error 3.10%``."""
     layers = "  ".join(f"{layer_of(p)} {pct(k)}" for p, k in record.kept.items())
     if record.q is None:
-        rule = f"keep={config.keep[record.round]:g}"
+        keep = config.keep[record.round]
+        rule = "keep=" + (
+            f"{keep:g}" if isinstance(keep, float) else ", ".join(f"{k} {f:g}" for k, f in keep)
+        )
+        if config.ranking != "magnitude" or config.scope != "layer":
+            rule += f" ({config.ranking}, {config.scope})"
     elif isinstance(record.q, dict):
         rule = "q=" + ", ".join(f"{k} {v:g}" for k, v in record.q.items())
     else:

@@ -25,7 +25,7 @@ from jaxprune.analysis import accuracy
 from jaxprune.demo.data import Dataset, batches
 from jaxprune.demo.models import LeNet5, LeNet300100, dense_layer_names
 from jaxprune.demo.recipes import Config, ConfigError
-from jaxprune.masks import apply_masks, compute_masks
+from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity
 from jaxprune.retrain import make_retrain_step, retrain_state
 from jaxprune.rounds import RoundsState, prune_and_retrain
 from jaxprune.sparse import sparse_apply, to_bcoo
@@ -171,20 +171,27 @@ def rounds(
     resume: RoundsState | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> Iterator[RoundsState]:
-    """Han et al.'s steps 2-4: prune (``q * std`` or a kept fraction), retrain, repeat."""
+    """Han et al.'s steps 2-4: prune (``q * std`` or a kept fraction), retrain, repeat.
+
+    With ``config.ranking == 'random'`` each round's masks are drawn by :func:`random_masks` and
+    everything else (retraining, dropout rule, seeds, batches) is as for magnitude pruning.
+    """
     apply_fn = make_eval(config)
     if config.keep is not None:
-        schedule: dict[str, Any] = {"sparsity": [1.0 - k for k in config.keep]}
+        schedule: dict[str, Any] = {
+            "sparsity": [_sparsity(k) for k in config.keep],
+            "scope": config.scope,
+        }
     elif config.q_scale:
         # "*" matches every prunable leaf; an exact layer name wins over it (compute_masks).
         schedule = {"q": [{"*": q, **{k: q * f for k, f in config.q_scale}} for q in config.q]}
     else:
         schedule = {"q": config.q}
-    yield from prune_and_retrain(
-        params,
-        make_loss(config),
-        epoch_batches(config, data, offset=config.epochs),
-        lambda p: accuracy(apply_fn, p, data.x_test, data.y_test),
+    driver = functools.partial(
+        prune_and_retrain,
+        loss_fn=make_loss(config),
+        batches=epoch_batches(config, data, offset=config.epochs),
+        evaluate=lambda p: accuracy(apply_fn, p, data.x_test, data.y_test),
         rounds=config.rounds,
         learning_rate=config.lr,
         lr_scale=config.retrain_lr_scale,
@@ -193,10 +200,47 @@ def rounds(
         epochs=config.retrain_epochs,
         dropout=dropout_layers(config),
         seed=config.seed + 2,
-        resume=resume,
         on_epoch=on_epoch,
         **schedule,
     )
+    if config.ranking == "magnitude":
+        yield from driver(params, resume=resume)
+        return
+    # One round per call, resumed from the random masks: the driver's own cut at the same
+    # sparsity then prunes nothing more, since those masks already prune exactly that many.
+    state = resume or RoundsState(0, params, None, None, ())
+    while state.round < config.rounds:
+        masks = random_masks(config, state.params, state.masks, state.round)
+        start = state._replace(params=apply_masks(state.params, masks), masks=masks)
+        state = next(driver(start.params, resume=start))
+        if not all(jax.tree.leaves(jax.tree.map(jnp.array_equal, state.masks, masks))):
+            raise AssertionError("the random masks were changed by the magnitude cut")
+        yield state
+
+
+def _sparsity(keep: float | tuple[tuple[str, float], ...]) -> float | dict[str, float]:
+    if isinstance(keep, float):
+        return 1.0 - keep
+    return {layer: 1.0 - k for layer, k in keep}
+
+
+def random_masks(config: Config, params: PyTree, previous: PyTree | None, r: int) -> PyTree:
+    """Round ``r``'s masks for ``ranking='random'``: ``config.keep[r]``, survivors drawn at random.
+
+    Uniform scores in place of the weights, cut by :func:`jaxprune.masks_for_sparsity` with the
+    same ``scope`` and ``previous``: each round keeps a uniformly random subset of the survivors
+    of the size magnitude pruning would keep, and pruned stays pruned.
+    """
+    key = jax.random.fold_in(jax.random.key(config.seed + 4), r)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    scores = [
+        jax.random.uniform(k, jnp.shape(leaf), minval=0.5, maxval=1.0)
+        for k, leaf in zip(keys, leaves, strict=True)
+    ]
+    scores = jax.tree.unflatten(treedef, scores)
+    sparsity = _sparsity(config.keep[r])
+    return masks_for_sparsity(scores, sparsity, scope=config.scope, previous=previous)
 
 
 # --- export and timing ------------------------------------------------------------------------
