@@ -281,10 +281,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--quick", action="store_true", help="a smoke run on the 8x8 digits")
     parser.add_argument("--json", type=Path, default=None, help="default: OUT/summary.json")
     parser.add_argument("--markdown", action="store_true", help="also print the README rows")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="print the tables of this --json; run nothing"
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     console = Console()
+    if args.report is not None:
+        summaries = json.loads(args.report.read_text())
+        show(summaries, console, markdown_rows=args.markdown)
+        return summaries
     models = ["lenet300", "lenet5"] if args.model == "both" else [args.model]
     summaries = {}
     for model in models:
@@ -293,6 +300,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         summaries[model] = aggregate(model, records)
         summaries[model]["per_seed"] = records
         summaries[model]["other_busy_cores"] = load.cores
+    show(summaries, console, markdown_rows=args.markdown)
+    path = args.json or args.out / "summary.json"
+    checkpoints.write_json(path, summaries)
+    console.print(f"wrote {path}")
+    return summaries
+
+
+def show(summaries: dict[str, dict], console: Console, *, markdown_rows: bool) -> None:
+    """Prints each model's table, the load, the baselines' claims and, if asked, README rows."""
     for summary in summaries.values():
         console.print(table(summary))
         console.print(
@@ -300,13 +316,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         )
         for kind in ("random", "global"):
             console.print(f"  {kind}: {claim(summary, kind)}")
-    if args.markdown:
+    if markdown_rows:
         for summary in summaries.values():
             print(markdown(summary) + "\n")
-    path = args.json or args.out / "summary.json"
-    checkpoints.write_json(path, summaries)
-    console.print(f"wrote {path}")
-    return summaries
 
 
 if __name__ == "__main__":

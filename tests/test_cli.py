@@ -15,6 +15,10 @@ from jaxprune.demo.cli import DEMO, _config, _parser, main
 from jaxprune.demo.recipes import RECIPES, Config, ConfigError
 from jaxprune.rounds import RoundRecord
 
+# The demo trains with optax's cosine_decay_schedule, which compares a float with the int32
+# step count: JAX's default promotion, not ours (conftest.py).
+pytestmark = pytest.mark.standard_promotion
+
 FAST = ["--epochs", "2", "--rounds", "2", "--q", "0.8,1.4", "--retrain-epochs", "1"]
 
 

@@ -19,6 +19,10 @@ from jaxprune.demo.cli import _config, _parser
 from jaxprune.demo.data import load_dataset
 from jaxprune.demo.recipes import Config, ConfigError
 
+# The demo trains with optax's cosine_decay_schedule, which compares a float with the int32
+# step count: JAX's default promotion, not ours (conftest.py).
+pytestmark = pytest.mark.standard_promotion
+
 FAST = ["--epochs", "1", "--rounds", "2", "--q", "0.8,1.4", "--retrain-epochs", "1", "--no-timing"]
 
 

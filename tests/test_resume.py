@@ -20,6 +20,10 @@ from jaxprune.demo.checkpoints import Checkpoints, OutLock, run_identity
 from jaxprune.demo.cli import _config, _parser, main
 from jaxprune.demo.data import load_dataset
 
+# The demo trains with optax's cosine_decay_schedule, which compares a float with the int32
+# step count: JAX's default promotion, not ours (conftest.py).
+pytestmark = pytest.mark.standard_promotion
+
 # Batch 8 makes each round last long enough to kill the run between rounds 1 and 3.
 ARGS = [
     "demo",

@@ -88,12 +88,18 @@ def make_loss(config: Config) -> Callable:
     return loss
 
 
-@functools.lru_cache(maxsize=8)
 def make_eval(config: Config) -> Callable[[PyTree, np.ndarray], jax.Array]:
     """A hashable ``apply_fn(params, x)`` for :func:`jaxprune.analysis.accuracy` (no dropout).
 
-    Cached per config: ``accuracy`` compiles once per ``apply_fn`` object.
+    Cached per architecture (model and padding), not per config: ``accuracy`` compiles once per
+    ``apply_fn`` object, and runs of other seeds or schedules evaluate the same network.
     """
+    return _make_eval(config.model, config.data_dir is None)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_eval(model_name: str, digits: bool) -> Callable[[PyTree, np.ndarray], jax.Array]:
+    config = Config(model=model_name, data_dir=None if digits else "mnist", dropout=0.0)
     model = build_model(config, {})
 
     def apply_fn(params, x):

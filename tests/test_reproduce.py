@@ -1,0 +1,68 @@
+"""benchmarks/reproduce_han2015.py: seeds, mean ± std rows and both baselines (--quick, digits)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+# The demo trains with optax's cosine_decay_schedule, which compares a float with the int32
+# step count: JAX's default promotion, not ours (conftest.py).
+pytestmark = pytest.mark.standard_promotion
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_han2015.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("reproduce_han2015", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_two_seeds(bench, tmp_path, capsys):
+    out = tmp_path / "summary.json"
+    argv = ["--quick", "--seeds", "2", "--model", "lenet300", "--out", str(tmp_path)]
+    summaries = bench.main([*argv, "--json", str(out), "--markdown"])
+    summary = summaries["lenet300"]
+    assert summary["seeds"] == [0, 1]
+    assert summary["dense_error"]["n"] == 2 and summary["dense_error"]["std"] >= 0
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    for row in summary["rounds"]:
+        kept = row["han"]["kept_fraction"]["mean"]
+        for kind in ("han", "random", "global"):
+            assert row[kind]["error"]["n"] == 2
+            # the baselines prune to Han's kept fraction of the round, seed by seed
+            assert row[kind]["kept_fraction"]["mean"] == pytest.approx(kept, abs=1e-6)
+    for record in summary["per_seed"]:  # both baselines start from the Han run's dense model
+        assert len(record["random"]) == len(record["global"]) == len(record["han"])
+    printed = capsys.readouterr().out
+    assert "mean ± std over 2 seeds" in printed
+    assert "fewest weights whose MEAN error is within 0.1 pt of the mean dense error" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| round")]
+    assert len(rows) == 2 and all(line.count("±") == 4 for line in rows)
+    assert json.loads(out.read_text())["lenet300"]["rounds"] == summary["rounds"]
+
+    # --report reprints from the JSON without running anything
+    again = bench.main(["--report", str(out), "--markdown"])
+    assert again["lenet300"]["fewest_within"] == summary["fewest_within"]
+    assert "| round 2 |" in capsys.readouterr().out
+
+
+def test_random_baseline_keeps_hans_per_layer_fractions(bench):
+    han = bench.Config(model="lenet300", rounds=2, q=(1.0, 1.5)).checked()
+    history = [
+        {"kept_fraction": 0.5, "kept_fraction_per_layer": {"fc1/kernel": 0.4, "fc2/kernel": 0.6}},
+        {"kept_fraction": 0.3, "kept_fraction_per_layer": {"fc1/kernel": 0.2, "fc2/kernel": 0.5}},
+    ]
+    random = bench.baseline_config(han, history, "random")
+    assert random.ranking == "random" and random.scope == "layer"
+    assert random.keep[1] == (("fc1/kernel", 0.2), ("fc2/kernel", 0.5))
+    glob = bench.baseline_config(han, history, "global")
+    assert glob.scope == "global" and glob.keep == (0.5, 0.3)
+    assert (random.epochs, random.lr, random.retrain_epochs) == (
+        han.epochs,
+        han.lr,
+        han.retrain_epochs,
+    )
