@@ -231,7 +231,8 @@ def _scan_layers(
             i = ids.get(path_str(kp))
             if i is not None:  # the mean over the selected layer's entries (zero elsewhere)
                 hit = jnp.broadcast_to(layer_id == i, m.shape)
-                kept += jnp.sum(hit & m) / jnp.maximum(jnp.sum(hit), 1) * jnp.any(hit)
+                n_hit = jnp.sum(hit, dtype=jnp.float32)
+                kept += jnp.sum(hit & m, dtype=jnp.float32) / jnp.maximum(n_hit, 1.0)
         return kept, _count_correct(apply_fn, apply_masks(params, masks), xs, ys, valid)
 
     # lax.map vmaps grid_batch points at a time: the grid is batched, memory stays bounded.

@@ -1,7 +1,16 @@
-"""Shared test settings: hypothesis profiles sized for a 2-core CI machine."""
+"""Shared test settings: hypothesis profiles sized for a 2-core CI machine, strict JAX numerics.
+
+Every test runs with ``jax_numpy_dtype_promotion='strict'`` and ``jax_numpy_rank_promotion='raise'``
+(silent casts and broadcasts inside the library fail loudly), except tests marked
+``standard_promotion``: they run code that is not ours and relies on JAX's default promotion
+(optax's Adam bias correction raises an int32 count to a float power; user-style Flax models add
+a ``(seq, d)`` positional table to a ``(batch, seq, d)`` activation).
+"""
 
 import os
 
+import jax
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -15,3 +24,12 @@ settings.register_profile(
     "dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(autouse=True)
+def _strict_numerics(request):
+    if request.node.get_closest_marker("standard_promotion"):
+        yield
+        return
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        yield

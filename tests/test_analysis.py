@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import count_compiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxprune import analysis
 from jaxprune.analysis import (
     Sensitivity,
     accuracy,
@@ -85,10 +85,10 @@ def test_accuracy_matches_numpy(n, batch_size, seed):
 def test_accuracy_reuses_its_compilation(problem):
     params, x, y = problem
     accuracy(mlp_apply, params, x, y, batch_size=8)
-    before = analysis._count_correct_jit._cache_size()
     shifted = jax.tree.map(lambda a: a + 1.0, params)
-    accuracy(mlp_apply, shifted, x[::-1].copy(), y[::-1].copy(), batch_size=8)
-    assert analysis._count_correct_jit._cache_size() == before
+    with count_compiles() as compiles:
+        accuracy(mlp_apply, shifted, x[::-1].copy(), y[::-1].copy(), batch_size=8)
+    assert compiles.of("_count_correct") == 0, compiles.names
 
 
 def test_accuracy_rejects_bad_data():
@@ -141,9 +141,9 @@ def test_sensitivity_kept_fraction_grid(problem):
 def test_sensitivity_compiles_once_for_a_new_grid(problem):
     params, x, y = problem
     sensitivity(mlp_apply, params, x, y, qs=[0.1, 0.2])
-    before = analysis._scan_layers_jit._cache_size()
-    again = sensitivity(mlp_apply, params, x, y, qs=[0.7, 1.4])
-    assert analysis._scan_layers_jit._cache_size() == before
+    with count_compiles() as compiles:
+        again = sensitivity(mlp_apply, params, x, y, qs=[0.7, 1.4])
+    assert compiles.of("_scan_layers") == 0, compiles.names
     assert again.grid.tolist() == pytest.approx([0.7, 1.4])
 
 

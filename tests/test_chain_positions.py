@@ -82,6 +82,7 @@ POSITIONS = ["outermost", "before_lr", "after_lr", "before_clip", "after_clip", 
              "multisteps", "inject"]  # fmt: skip
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 @settings(max_examples=12)
 @given(
     position=st.sampled_from(POSITIONS),
@@ -166,6 +167,7 @@ def test_outermost_keep_pruned_zeroes_newly_pruned_weights_itself():
         assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0), path
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 def test_integer_leaves_do_not_confuse_the_check():
     params = {"a": {"kernel": jnp.ones((3, 4))}, "count": jnp.zeros((2,), jnp.int32)}
     masks = {"a": {"kernel": jnp.ones((3, 4), bool)}, "count": jnp.ones((2,), bool)}

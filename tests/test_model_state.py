@@ -207,6 +207,7 @@ class AttentionDropout(nnx.Module):
         return h.mean() + 1e-3 * jax.random.normal(self.noise.default(), ()).sum()
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 def test_every_rng_stream_gets_fresh_keys_each_step():
     model = AttentionDropout(nnx.Rngs(0))
     model.train()

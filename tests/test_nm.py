@@ -232,6 +232,7 @@ def test_nan_and_scalar_leaves_are_named():
 # --- composition --------------------------------------------------------------------------------
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 def test_keep_pruned_under_adam_keeps_the_pattern(linen):
     model, params = linen
     masks = nm_masks(params, 2, 4)
@@ -298,6 +299,7 @@ def _driver_problem():
     return params, loss, lambda e: [x] * 3
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 @pytest.mark.parametrize(
     ("kwargs", "kept"),
     [

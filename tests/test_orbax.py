@@ -100,6 +100,7 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 @pytest.mark.parametrize(
     "wrap",
     [
@@ -145,6 +146,7 @@ def test_prune_gradients_state_and_masks_round_trip(tmp_path):
     _assert_same(masks, _save_restore(tmp_path, masks, "masks"))
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 def test_rounds_state_round_trips_and_resumes(tmp_path):
     x = jax.random.normal(jax.random.key(2), (16, 8))
     kwargs = dict(rounds=2, learning_rate=0.1, q=[0.5, 1.0])

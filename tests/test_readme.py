@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flax import nnx
 
 import jaxprune
@@ -45,6 +46,7 @@ def test_readme_states_the_recipes_the_command_runs():
         assert retrain in text, recipe.model
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 def test_your_own_model_runs():
     text = README.read_text()
     section = text[text.index("## Your own model") :]

@@ -118,6 +118,7 @@ def _pruned_values(params, masks):
     )
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 @pytest.mark.parametrize("name", sorted(SETUPS))
 def test_retrain_step_reduces_loss_with_90_percent_pruned(name):
     params, loss, (x, y) = SETUPS[name]()

@@ -13,6 +13,9 @@ from zoo import zoo
 import jaxprune
 from jaxprune.sparse import sparse_apply, to_bcoo
 
+# The zoo's models are user-style Flax code: `x + pos_embedding` broadcasts over the batch.
+pytestmark = pytest.mark.standard_promotion
+
 NAMES = [
     "linen_resnet",
     "linen_transformer",

@@ -238,7 +238,9 @@ def test_nnx_state_loads_as_pure_dict_that_updates_a_model(tmp_path):
 def test_nnx_state_with_bcoo_leaves(tmp_path):
     model = _Mlp(nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
-    sparse = jax.tree.map(lambda a: to_bcoo(a * (jnp.abs(a) > 0.3)) if a.ndim == 2 else a, state)
+    sparse = jax.tree.map(
+        lambda a: to_bcoo(jnp.where(jnp.abs(a) > 0.3, a, 0.0)) if a.ndim == 2 else a, state
+    )
     report = save(tmp_path / "nnxs.jxp", sparse)
     assert [r.path for r in report.leaves if r.kind == "bcoo"] == [
         "layers/0/kernel",

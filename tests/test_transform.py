@@ -82,6 +82,7 @@ def _compiled_pair(name):
     return tx, optax_step(tx), ref_tx, optax_step(ref_tx)
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 @settings(max_examples=8, deadline=None)
 @given(
     name=st.sampled_from(sorted(OPTIMIZERS)),
@@ -116,6 +117,7 @@ def test_pruned_stay_zero_and_survivors_match_unmasked(name, seed, density, step
     _assert_survivors_close(params, ref_params, masks)
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_momentum_from_before_pruning_does_not_regrow(name):
     params = _tree(1)
@@ -134,6 +136,7 @@ def test_momentum_from_before_pruning_does_not_regrow(name):
     assert np.any(np.asarray(kernel)[np.asarray(masks["Dense_0"]["kernel"])] != 0.0)
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 @pytest.mark.parametrize("name", ["momentum", "adam"])
 def test_prune_gradients_alone_lets_carried_momentum_regrow(name):
     # The failure keep_pruned exists for: gradients masked, momentum from before pruning not.
@@ -179,6 +182,7 @@ def test_integer_and_non_array_leaves_pass_through():
     np.testing.assert_array_equal(updates["w"], [[1.5, 0.0], [0.0, 1.5]])
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 @pytest.mark.parametrize(
     "wrap",
     [
@@ -221,6 +225,7 @@ def test_update_masks_replaces_every_state_and_keeps_the_rest():
     assert all(bool(np.all(m)) for m in jax.tree.leaves(state[1].masks))
 
 
+@pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 def test_nnx_optimizer_keeps_pruned_weights_at_zero_and_update_masks_works():
     class MLP(nnx.Module):
         def __init__(self, rngs):

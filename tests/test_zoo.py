@@ -12,6 +12,9 @@ import jaxprune
 from jaxprune._tree import leaves_with_paths
 from jaxprune.analysis import sensitivity
 
+# The zoo's models are user-style Flax code: `x + pos_embedding` broadcasts over the batch.
+pytestmark = pytest.mark.standard_promotion
+
 NAMES = [  # listed, so that collecting the tests builds no model
     "linen_resnet",
     "linen_transformer",
