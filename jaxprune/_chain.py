@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune._tree import PyTree, check_like, is_array, leaves_with_paths, path_str
+from jaxprune._tree import PyTree, check_masks, is_array, leaves_with_paths, path_str
 
 Activation = Callable[[Any], Any]
 
@@ -155,17 +155,8 @@ def _activations(activation: Any, n_links: int) -> tuple[Activation, ...]:
 
 
 def _check_masks(params: PyTree, masks: PyTree, chain: Sequence[_Layer], *, name: str) -> None:
-    check_like(params, masks, name=name)
-    of = dict(leaves_with_paths(masks))
-    for layer in chain:
-        for path in filter(None, (layer.kernel, layer.bias)):
-            mask = of[path]
-            if not (is_array(mask) and mask.dtype == bool):
-                got = f"dtype {mask.dtype}" if is_array(mask) else type(mask).__name__
-                raise ValueError(
-                    f"{name}[{path!r}] is {got}, expected a bool array (True = kept), "
-                    "as jaxprune.compute_masks returns."
-                )
+    del chain  # every leaf's mask is checked, the chain's included
+    check_masks(params, masks, name=name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def prune_and_retrain(
     resume: RoundsState | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> Iterator[RoundsState]:
-    """Iterative pruning (Han et al. 2015, Sec. 3.3): each round prunes, then retrains.
+    """Iterative pruning (Han et al. 2015, Sec. 3.4): each round prunes, then retrains.
 
     Round ``r``: masks = ``compute_masks(params, q_r, previous=masks)`` (or
     ``masks_for_sparsity(params, sparsity_r, ...)``), then, with a ``pattern``, projected onto N:M

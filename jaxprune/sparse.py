@@ -32,7 +32,7 @@ from jaxprune._tree import (
     PyTree,
     Stacked,
     Where,
-    check_like,
+    check_masks,
     default_where,
     is_array,
     path_str,
@@ -82,7 +82,7 @@ def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyT
     >>> type(to_bcoo(params, masks)['Dense_0']['kernel']).__name__
     'ndarray'
     """
-    check_like(params, masks, name="masks")
+    check_masks(params, masks)
     where = default_where if where is None else where
 
     def one(keypath: tuple, leaf: Any, mask: Any) -> Any:
@@ -100,9 +100,6 @@ def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyT
                     "pass to_bcoo the `where` the masks were computed with."
                 )
             return leaf
-        if not (is_array(mask) and mask.dtype == bool):
-            got = f"dtype {mask.dtype}" if is_array(mask) else f"type {type(mask).__name__}"
-            raise TypeError(f"masks[{path!r}] must be a boolean array, got {got}.")
         mask = np.asarray(mask)
         if mask.all():
             return leaf

@@ -1,6 +1,6 @@
 """Physically smaller models: dead-unit removal (``shrink``) and whole-neuron pruning.
 
-Han et al. 2015 (Sec. 3.4) observe that once connections are pruned, a neuron with no surviving
+Han et al. 2015 (Sec. 3.5) observe that once connections are pruned, a neuron with no surviving
 input or output connections can be removed too. Removing units shrinks the dense matrices
 themselves, so plain dense inference gets faster without any sparse kernel.
 
@@ -207,7 +207,7 @@ def shrink(
     A hidden unit is dead when none of its incoming connections survive (it outputs the constant
     ``activation(bias)``, which is folded into the next layer's bias) or none of its outgoing ones
     do (it contributes nothing). Removing a unit can kill its neighbours, so removal repeats until
-    nothing changes (Han et al. 2015, Sec. 3.4). A connection survives when its mask is ``True``
+    nothing changes (Han et al. 2015, Sec. 3.5). A connection survives when its mask is ``True``
     and its weight is non-zero. The module docstring says how conv layers, the flatten and
     bias-less layers are treated. The result computes what the pruned model computes (up to
     float rounding of the folded biases).

@@ -105,31 +105,29 @@ def _map_masked(fn: Callable[..., Any], updates: PyTree, masks: PyTree, *others:
     return jax.tree.unflatten(treedef, out)
 
 
-def _masked_gradient(weight_decay: float) -> Callable[..., Any]:
-    def one(g: jax.Array, m: Any, p: Any = None) -> jax.Array:
-        if p is not None:
-            g = g + jnp.asarray(weight_decay, g.dtype) * p
-        if m is True:
-            return g
-        return jnp.where(m, g, jnp.zeros((), g.dtype))
-
-    return one
+def _masked_gradient(g: jax.Array, m: Any) -> jax.Array:
+    return g if m is True else jnp.where(m, g, jnp.zeros((), g.dtype))
 
 
 def _prune_grads(updates: PyTree, masks: PyTree, params: PyTree, weight_decay: float) -> PyTree:
-    if weight_decay == 0.0:
-        return _map_masked(_masked_gradient(0.0), updates, masks)
-    if params is None:
-        raise ValueError(
-            f"weight_decay={weight_decay} needs the params: call update(grads, state, params)."
-        )
-    return _map_masked(_masked_gradient(weight_decay), updates, masks, pure(params))
+    """``optax.add_decayed_weights(weight_decay)`` on the floating-point leaves, then the masks."""
+    if weight_decay != 0.0:
+        if params is None:
+            raise ValueError(
+                f"weight_decay={weight_decay} needs the params: call update(grads, state, params)."
+            )
+        floats = jax.tree.map(is_inexact_array, updates)
+        decay = optax.add_decayed_weights(weight_decay, mask=floats)
+        updates, _ = decay.update(updates, decay.init(params), pure(params))
+    return _map_masked(_masked_gradient, updates, masks)
 
 
 def prune_gradients(masks: PyTree, *, weight_decay: float = 0.0) -> optax.GradientTransformation:
     """Zeroes the gradients of pruned connections and adds L2 decay to the surviving ones.
 
-    For each floating-point leaf the update becomes ``where(mask, g + weight_decay * w, 0)``. This
+    For each floating-point leaf the update becomes ``where(mask, g + weight_decay * w, 0)``:
+    ``weight_decay=wd`` is a shortcut for ``optax.chain(optax.add_decayed_weights(wd),
+    prune_gradients(masks))`` (on floating-point leaves), which is how it is computed. This
     is the coupled L2 penalty of Han et al. 2015 (Sec. 3.1), applied *before* the optimizer as a
     gradient term, so it goes through momentum or Adam's scaling like the loss gradient does. For
     AdamW's decoupled decay leave ``weight_decay=0`` and use the optimizer's own. The decay applies
@@ -244,8 +242,9 @@ def keep_pruned(
     """Wraps an optimizer so that pruned connections stay exactly zero. The documented way.
 
     It masks twice. Before ``inner``, like :func:`prune_gradients`: gradients of pruned connections
-    are zeroed and ``weight_decay * w`` (Han et al. 2015's L2, Sec. 3.1) is added to the survivors.
-    After ``inner``, the final updates of pruned connections are replaced by ``-w``, so that
+    are zeroed and ``weight_decay * w`` (Han et al. 2015's L2, Sec. 3.1) is added to the survivors
+    (``weight_decay=wd`` is the same as ``optax.chain(optax.add_decayed_weights(wd),
+    keep_pruned(inner, masks))``: a shortcut for the recipe's coupled L2). After ``inner``, the final updates of pruned connections are replaced by ``-w``, so that
     ``optax.apply_updates`` lands on exactly ``0.0``.
 
     Why the second mask: a zero gradient does not make a zero update once the optimizer has state.

@@ -12,7 +12,7 @@ Choices shared by every model here:
   ``custom_jvp`` that ``jax.experimental.sparse.sparsify`` cannot trace, and sparse inference runs
   these same models.
 - ``dropout_rates`` holds one rate per dense layer, applied to that layer's *input*, so that Han et
-  al. 2015, Sec. 3.1's rescaling ``D_r = D_o * sqrt(C_r / C_o)`` of a layer's connections maps to
+  al. 2015, Sec. 3.2's rescaling ``D_r = D_o * sqrt(C_r / C_o)`` of a layer's connections maps to
   one entry (see :func:`dense_layer_names`). ``None`` means no dropout, as in Caffe's LeNets.
 """
 

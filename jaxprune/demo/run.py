@@ -349,7 +349,7 @@ def _chain(config: Config) -> tuple[list[str], list[Callable]]:
 
 
 def dead_units(config: Config, params: PyTree, masks: PyTree) -> dict[str, Any]:
-    """Removes units whose every input or output connection is pruned (Han et al. 2015, Sec. 3.4)."""
+    """Removes units whose every input or output connection is pruned (Han et al. 2015, Sec. 3.5)."""
     layers, activations = _chain(config)
     shrunk = shrink(params, layers=layers, activation=activations, masks=masks)
     report = shrunk.report
@@ -386,7 +386,7 @@ def check_structured(config: Config, fraction: float) -> None:
 def structured(config: Config, data: Dataset, dense: PyTree, fraction: float) -> dict[str, Any]:
     """Prunes whole hidden neurons of LeNet-300-100, retrains, shrinks, and times the result.
 
-    Han et al. 2015 (Sec. 3.4) note the neuron count can be cut without retraining; this measures
+    Han et al. 2015 (Sec. 3.5) note the neuron count can be cut without retraining; this measures
     the accuracy cost before and after one round of retraining, and the dense speed-up of the
     physically smaller model.
     """
