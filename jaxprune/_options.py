@@ -90,7 +90,9 @@ def per_unit(
     return resolved
 
 
-def per_slice(values: Mapping[int, Any], n: int, axis: int, ndim: int, fill: float) -> jax.Array:
+def per_slice(
+    values: Mapping[int | None, Any], n: int, axis: int, ndim: int, fill: float
+) -> jax.Array:
     """Stacks per-slice scalars into an array that broadcasts along ``axis`` of an ndim array."""
     column = jnp.stack([jnp.asarray(values.get(i, fill), jnp.float32) for i in range(n)])
     shape = [1] * ndim

@@ -290,7 +290,7 @@ def _check_structure(params: PyTree, other: PyTree, *, name: str) -> dict[str, A
             f"{name} does not have the tree structure of params: {'; '.join(detail)}. "
             f"Build {name} from the same params tree (e.g. with jaxprune.compute_masks)."
         )
-    if jax.tree.structure(params) != jax.tree.structure(other):
+    if jax.tree.structure(params) != jax.tree.structure(other):  # type: ignore[operator]
         raise ValueError(
             f"{name} has the leaf paths of params but another container type "
             f"({type(other).__name__} vs {type(params).__name__}); build it with jax.tree.map "
@@ -408,7 +408,7 @@ class Unit(NamedTuple):
     """One layer for the rules: a whole leaf (``index`` None) or one slice of a stacked leaf."""
 
     path: str
-    index: int | None
+    index: int | None  # type: ignore[assignment]  # a field named like tuple.index
 
     @property
     def name(self) -> str:
@@ -417,7 +417,7 @@ class Unit(NamedTuple):
 
 def layer_units(params: PyTree, prunable: Mapping[str, bool], axes: Mapping[str, int]) -> list:
     """The layers of ``params`` in flattening order: one :class:`Unit` per leaf or slice."""
-    units = []
+    units: list[Unit] = []
     for path, leaf in leaves_with_paths(params):
         if not prunable[path]:
             continue

@@ -349,8 +349,8 @@ class Summary:
         return self.kept / self.total if self.total else 1.0
 
     def __str__(self) -> str:
-        header = ("layer", "shape", "weights", "kept", "kept %")
-        lines = [
+        header: tuple[str, ...] = ("layer", "shape", "weights", "kept", "kept %")
+        lines: list[tuple[str, ...]] = [
             (
                 r.path,
                 "x".join(map(str, r.shape)),
@@ -371,7 +371,7 @@ class Summary:
             )
         )
         if any(r.pattern for r in self.rows):
-            header += ("N:M",)
+            header = (*header, "N:M")
             pattern = ["" if r.pattern is None else "{}:{}".format(*r.pattern) for r in self.rows]
             lines = [(*line, p) for line, p in zip(lines, [*pattern, ""], strict=True)]
         return table(header, lines[:-1], lines[-1], left=2)
@@ -424,7 +424,7 @@ def summarize(
         shape, mask = tuple(leaf.shape), mask_of[path]
         axis = axes.get(path)
         if leaf.ndim == 0 or (axis is not None and leaf.ndim == 1):
-            patterns = [None] * (1 if axis is None else shape[0])
+            patterns: list[tuple[int, int] | None] = [None] * (1 if axis is None else shape[0])
         else:
             n_axis = default_axis(path, leaf.ndim - (axis is not None))
             n_axis += axis is not None and n_axis >= axis
