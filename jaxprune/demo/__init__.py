@@ -28,6 +28,13 @@ def missing_dependencies() -> list[str]:
     return missing
 
 
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    # Raising KeyboardInterrupt here could land in one of jax's garbage-collection callbacks
+    # while jax loads, where Python swallows it and the run goes on as if nothing happened.
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``jaxprune`` command: one line and exit status 2 when a demo dependency is missing.
 
@@ -35,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (``os._exit``): XLA may still be compiling on its own threads, and the interpreter's teardown
     under them crashed with SIGSEGV. The checkpoints are written atomically, so nothing is lost.
     """
+    if argv is None:  # until the command's own handler is in place, Ctrl-C ends it at once
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
     try:
         missing = missing_dependencies()
         if missing:
@@ -46,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from jaxprune.demo.cli import main as cli_main
 
+        if argv is None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         status = cli_main(argv)
     except KeyboardInterrupt:  # while importing, before the command's own handler is in place
         print("interrupted", file=sys.stderr)
