@@ -172,3 +172,18 @@ def test_ctrl_c_in_a_round_exits_130_with_one_line(tmp_path):
     ]
     assert "Traceback" not in err
     assert (out / "checkpoints" / "dense.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"scope": "net"}, r"^unknown scope 'net'; choose layer or global\.$"),
+        ({"ranking": "lottery", "keep": (0.5,)}, r"^unknown ranking 'lottery'"),
+        ({"ranking": "random"}, r"^scope and ranking apply to keep, not to Han's q rule\.$"),
+        ({"keep": ((("fc1", 0.5),),), "scope": "global"}, r"^keep per layer needs scope layer"),
+        ({"keep": ((("fc1", 1.5),),)}, r"^keep values must be fractions in \(0, 1\]"),
+    ],
+)
+def test_scope_ranking_and_per_layer_keep_are_checked(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(rounds=1, q=(1.0,), **fields).checked()

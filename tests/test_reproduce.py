@@ -66,3 +66,26 @@ def test_random_baseline_keeps_hans_per_layer_fractions(bench):
         han.lr,
         han.retrain_epochs,
     )
+
+
+def test_random_masks_draw_survivors_of_the_asked_size(bench):
+    import jax
+    import numpy as np
+
+    from jaxprune.demo import run
+
+    config = bench.Config(
+        rounds=2, keep=((("fc1/kernel", 0.5), ("fc2/kernel", 0.25)), 0.1), ranking="random"
+    ).checked()
+    params = {
+        "fc1": {"kernel": np.ones((8, 4), np.float32), "bias": np.zeros(4, np.float32)},
+        "fc2": {"kernel": np.ones((4, 4), np.float32), "bias": np.zeros(4, np.float32)},
+    }
+    first = run.random_masks(config, params, None, 0)
+    assert int(first["fc1"]["kernel"].sum()) == 16 and int(first["fc2"]["kernel"].sum()) == 4
+    second = run.random_masks(config, params, first, 1)
+    for layer in ("fc1", "fc2"):  # pruned stays pruned
+        assert not np.any(np.asarray(second[layer]["kernel"]) & ~np.asarray(first[layer]["kernel"]))
+    assert int(second["fc1"]["kernel"].sum()) == 3  # round(0.1 * 32)
+    again = run.random_masks(config, params, None, 0)  # seeded: the same draw again
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, first, again)))
