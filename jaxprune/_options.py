@@ -42,6 +42,15 @@ def check_scalar(value: Any, *, name: str, low: float, high: float, closed_high:
         raise ValueError(f"{name} must be finite and in {bound}, got {value!r}.")
 
 
+def check_count(value: Any, *, name: str, low: int = 1) -> int:
+    """An int option ``>= low``: a ``TypeError`` for another type (bools too), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}.")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+    return int(value)
+
+
 def layer_of(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else path
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._options import check_count
 from jaxprune._tree import (
     PyTree,
     Stacked,
@@ -45,8 +46,7 @@ ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 
 
 def _check_data(x: Any, y: Any, batch_size: Any) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size is {batch_size!r}, expected an int >= 1.")
+    check_count(batch_size, name="batch_size")
     if np.ndim(y) != 1 or len(x) != len(y):
         raise ValueError(
             f"y has shape {np.shape(y)} and x has {len(x)} examples; expected labels shaped "
@@ -298,8 +298,7 @@ def sensitivity(
     """
     kind, grid = _check_grid(qs, kept_fractions)
     _check_data(x, y, batch_size)
-    if isinstance(grid_batch, bool) or not isinstance(grid_batch, int) or grid_batch < 1:
-        raise ValueError(f"grid_batch is {grid_batch!r}, expected an int >= 1.")
+    check_count(grid_batch, name="grid_batch")
     prunable = prunable_paths(params, where)
     axes = stacked_axes(params, stacked, prunable)
     layers = tuple(u.name for u in layer_units(params, prunable, axes))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxprune import batch_stats
+from jaxprune._options import check_count
 from jaxprune._tree import PyTree, Stacked, Where
 from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
 from jaxprune.nm import AxisSpec, check_pattern, nm_masks
@@ -117,8 +118,8 @@ def _check_driver_args(
             "pass exactly one of q (Han's q*std rule) or sparsity (a target), or neither with "
             "pattern= (an N:M target)."
         )
-    if rounds < 1 or epochs < 1:
-        raise ValueError(f"rounds and epochs must be >= 1, got rounds={rounds}, epochs={epochs}.")
+    check_count(rounds, name="rounds")
+    check_count(epochs, name="epochs")
 
 
 def _default_optimizer(learning_rate: float) -> optax.GradientTransformation:

@@ -95,7 +95,9 @@ def test_accuracy_rejects_bad_data():
     w = np.eye(2, dtype=np.float32)
     with pytest.raises(ValueError, match=r"y has shape \(2,\) and x has 3 examples"):
         accuracy(linear, w, np.ones((3, 2)), np.zeros(2, int))
-    with pytest.raises(ValueError, match=r"batch_size is 0, expected an int >= 1"):
+    with pytest.raises(TypeError, match=r"batch_size must be an int, got float: 8.0"):
+        accuracy(linear, w, np.ones((3, 2)), np.zeros(3, int), batch_size=8.0)
+    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
         accuracy(linear, w, np.ones((3, 2)), np.zeros(3, int), batch_size=0)
     with pytest.raises(ValueError, match=r"x is empty"):
         accuracy(linear, w, np.ones((0, 2)), np.zeros(0, int))
@@ -188,7 +190,7 @@ def test_sensitivity_table_rows_and_text(problem):
         ({"qs": [0.5, -1.0]}, r"qs must be finite and >= 0, got \[-1\.0\]"),
         ({"kept_fractions": [0.0, 0.5]}, r"kept_fractions must be in \(0, 1\], got \[0\.0\]"),
         ({"qs": []}, r"q grid has shape \(0,\), expected a non-empty 1-D"),
-        ({"qs": [1.0], "grid_batch": 0}, r"grid_batch is 0, expected an int >= 1"),
+        ({"qs": [1.0], "grid_batch": 0}, r"grid_batch must be an int >= 1, got 0"),
         ({"qs": [1.0], "where": lambda p, leaf: False}, r"params has no prunable leaf"),
     ],
 )

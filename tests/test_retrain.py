@@ -343,6 +343,15 @@ def test_driver_bad_arguments():
     params, loss, batches, accuracy, _ = _driver_args("linen")
     with pytest.raises(ValueError, match="exactly one of q"):
         next(prune_and_retrain(params, loss, batches, accuracy, rounds=1, learning_rate=0.1))
+    for bad, error, match in (
+        ({"rounds": 0}, ValueError, r"rounds must be an int >= 1, got 0"),
+        ({"rounds": 2.0}, TypeError, r"rounds must be an int, got float"),
+        ({"rounds": 1, "epochs": True}, TypeError, r"epochs must be an int, got bool"),
+    ):
+        with pytest.raises(error, match=match):
+            next(
+                prune_and_retrain(params, loss, batches, accuracy, q=1.0, learning_rate=0.1, **bad)
+            )
     with pytest.raises(ValueError, match=r"q has 2 entries, expected rounds=3"):
         next(
             prune_and_retrain(
