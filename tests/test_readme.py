@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -34,6 +35,20 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     assert jaxprune.load(tmp_path / "model.jaxprune")["layers_2"]["kernel"].nse == int(
         np.asarray(masks["layers_2"]["kernel"]).sum()
     )
+    # The orbax block right after it, on the quick start's state, into this test's folder.
+    orbax = re.search(r"```python\n(.*?)```", section[section.index("with orbax") :], re.S).group(1)
+    assert orbax.count('"/tmp/ckpt/state"') == 2
+    saved = scope["state"]
+    exec(orbax.replace('"/tmp/ckpt/state"', repr(str(tmp_path / "ckpt" / "state"))), scope)
+
+    def raw(tree):  # key arrays compare by their data
+        is_key = lambda a: jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)  # noqa: E731
+        return [
+            np.asarray(jax.random.key_data(a) if is_key(a) else a) for a in jax.tree.leaves(tree)
+        ]
+
+    for a, b in zip(raw(saved), raw(scope["state"]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_readme_states_the_recipes_the_command_runs():

@@ -6,9 +6,11 @@ Runs in a subprocess because the device count is fixed when JAX starts.
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -210,6 +212,42 @@ MASKS_SCRIPT = textwrap.dedent(
 )
 
 
+# The README's "Data-parallel retraining" block, run as written on the 4 devices.
+README_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np, optax
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import jaxprune
+
+    model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(4)])
+    x, y = jax.random.normal(jax.random.key(1), (64, 16)), jnp.arange(64) % 4
+    params = model.init(jax.random.key(0), x)["params"]
+    masks = jaxprune.compute_masks(params, 1.0)
+    params = jaxprune.apply_masks(params, masks)
+
+    def loss(p, batch, rng):
+        logits = model.apply({"params": p}, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    tx = jaxprune.keep_pruned(optax.sgd(0.1, momentum=0.9), masks)
+    step, key, batches = jaxprune.make_retrain_step(loss, tx), jax.random.key(2), [(x, y)] * 3
+    exec(README_BLOCK)
+    assert state.params["layers_0"]["kernel"].sharding.is_fully_replicated
+    kernel = np.asarray(state.params["layers_0"]["kernel"])
+    assert np.all(kernel[~np.asarray(masks["layers_0"]["kernel"])] == 0.0)
+    assert int(state.step) == 3
+    print("readme ok")
+    """
+)
+
+
+def _readme_block() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Data-parallel retraining") :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
 # One subprocess for both scripts (starting one and importing JAX costs seconds); each script
 # runs in its own namespace and reports its own failure.
 RUNNER = textwrap.dedent(
@@ -229,7 +267,8 @@ RUNNER = textwrap.dedent(
 def sharded_run():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     env["JAX_PLATFORMS"] = "cpu"
-    scripts = {"step": SCRIPT, "masks": MASKS_SCRIPT}
+    readme = f"README_BLOCK = {_readme_block()!r}\n{README_SCRIPT}"
+    scripts = {"step": SCRIPT, "masks": MASKS_SCRIPT, "readme": readme}
     return subprocess.run(
         [sys.executable, "-c", f"SCRIPTS = {scripts!r}\n{RUNNER}", os.path.dirname(__file__)],
         env=env,
@@ -252,3 +291,7 @@ def test_sharded_step_equals_single_device_step(sharded_run):
 def test_sharded_kernels_give_the_same_masks_and_stay_sharded(sharded_run):
     """compute_masks, masks_for_sparsity, apply_masks, keep_pruned, update_masks, summarize."""
     check(sharded_run, "masks", ["fsdp ok", "fsdp x tp ok", "indivisible ok"])
+
+
+def test_the_readme_data_parallel_block_runs_on_4_devices(sharded_run):
+    check(sharded_run, "readme", ["readme ok"])
