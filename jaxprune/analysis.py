@@ -42,7 +42,7 @@ __all__ = [
     "sensitivity",
 ]
 
-ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+ApplyFn = Callable[[PyTree, Any], Any]  # (params, x_batch) -> logits
 
 
 def _check_data(x: Any, y: Any, batch_size: Any) -> None:

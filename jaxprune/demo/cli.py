@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from jaxprune.analysis import accuracy
 from jaxprune.demo import checkpoints, recipes, report, run
@@ -185,10 +192,10 @@ class _Bars:
     def __exit__(self, *exc: Any) -> None:
         self.progress.stop()
 
-    def add(self, description: str, total: int) -> int:
+    def add(self, description: str, total: int) -> TaskID:
         return self.progress.add_task(description, total=total, note="")
 
-    def advance(self, task: int, note: str) -> None:
+    def advance(self, task: TaskID, note: str) -> None:
         self.progress.update(task, advance=1, note=note)
 
 

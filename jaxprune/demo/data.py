@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -229,7 +229,7 @@ def load_mnist(path: str | os.PathLike) -> Dataset:
         )
     found = {part: _find_idx(path, part) for part in _MNIST_STEMS}
     if all(found.values()):
-        parts = {part: read_idx(f) for part, f in found.items()}
+        parts = {part: read_idx(f) for part, f in found.items() if f is not None}
         return _assemble(parts, {part: str(f) for part, f in found.items()}, "mnist")
     if (path / "mnist.npz").is_file():
         return _load_npz(path / "mnist.npz")

@@ -17,6 +17,7 @@ Choices shared by every model here:
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -292,7 +293,7 @@ class NNXLeNet5(nnx.Module):
     ) -> None:
         flat = _lenet5_flat_size(image_shape, channels, padding, "NNXLeNet5")
         rates = _check_rates(dropout_rates, 2, "NNXLeNet5")
-        conv = dict(kernel_size=(5, 5), padding=padding, rngs=rngs)
+        conv: dict[str, Any] = dict(kernel_size=(5, 5), padding=padding, rngs=rngs)
         self.conv1 = nnx.Conv(int(image_shape[2]), channels[0], **conv)
         self.conv2 = nnx.Conv(channels[0], channels[1], **conv)
         self.drop1 = _nnx_dropout(rates[0], rngs)

@@ -10,9 +10,10 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 # Han et al. 2015, Tables 1 and 2: per-layer kept fractions and errors on MNIST.
-PAPER = {
+PAPER: dict[str, dict[str, Any]] = {
     "lenet300": {
         "error_dense": 0.0164,
         "error_pruned": 0.0159,
@@ -124,7 +125,7 @@ class Config:
                 raise ConfigError(f"{{{name}}} must be finite and {low}, got {value}.")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{{dropout}} must be in [0, 1), got {self.dropout}.")
-        schedule = self.keep if self.keep is not None else self.q
+        schedule: tuple[Any, ...] = self.keep if self.keep is not None else self.q
         flag = "{keep}" if self.keep is not None else "{q}"
         if len(schedule) == 1:
             schedule = schedule * self.rounds
@@ -156,6 +157,7 @@ class Config:
 
 def _keep_value(value, scope: str) -> float | tuple[tuple[str, float], ...]:
     """One round's ``keep``, checked: a fraction, or ``((layer, fraction), ...)`` per layer."""
+    pairs: tuple[tuple[str, Any], ...]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         pairs, single = (("", value),), True
     else:

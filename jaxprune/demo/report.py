@@ -59,7 +59,8 @@ def round_line(record: RoundRecord, config: Config) -> str:
     """``round 2: q=1.4  kept 35.10%  (fc1 30.00%  fc2 ...)  error 3.10%``."""
     layers = "  ".join(f"{layer_of(p)} {pct(k)}" for p, k in record.kept.items())
     if record.q is None:
-        keep = config.keep[record.round]
+        assert config.keep is not None  # a round without q ran a keep schedule
+        keep: Any = config.keep[record.round]
         rule = "keep=" + (
             f"{keep:g}" if isinstance(keep, float) else ", ".join(f"{k} {f:g}" for k, f in keep)
         )
@@ -77,7 +78,7 @@ def round_line(record: RoundRecord, config: Config) -> str:
 
 def layer_table(config: Config, summary: Any, last: RoundRecord) -> Table:
     """Han et al. 2015, Table 2 style: per layer weights, kept %, the q used, and the paper's."""
-    paper = recipes.PAPER[config.model]["kept"] if config.data_dir else {}
+    paper: dict[str, float] = recipes.PAPER[config.model]["kept"] if config.data_dir else {}
     table = Table(title="Per-layer pruning (Han et al. 2015, Table 2 style)")
     for col in ("layer", "weights", "kept", "kept %", "q (last round)", "paper kept %"):
         table.add_column(col, justify="left" if col == "layer" else "right")

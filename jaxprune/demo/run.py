@@ -44,6 +44,7 @@ def build_model(
     LeNet-5 uses 'SAME' padding on the built-in 8x8 digits (5x5 'VALID' convolutions would leave
     nothing) and Caffe's 'VALID' on MNIST. ``hidden`` builds a LeNet-300-100 of other widths.
     """
+    base: nn.Module
     if config.model == "lenet300":
         base = LeNet300100() if hidden is None else LeNet300100(hidden=hidden)
     else:
@@ -193,7 +194,7 @@ def rounds(
         schedule = {"q": [{"*": q, **{k: q * f for k, f in config.q_scale}} for q in config.q]}
     else:
         schedule = {"q": config.q}
-    driver = functools.partial(
+    driver: Callable[..., Iterator[RoundsState]] = functools.partial(
         prune_and_retrain,
         loss_fn=make_loss(config),
         batches=epoch_batches(config, data, offset=config.epochs),
@@ -245,6 +246,7 @@ def random_masks(config: Config, params: PyTree, previous: PyTree | None, r: int
         for k, leaf in zip(keys, leaves, strict=True)
     ]
     scores = jax.tree.unflatten(treedef, scores)
+    assert config.keep is not None  # random ranking applies to keep schedules (Config checks)
     sparsity = _sparsity(config.keep[r])
     return masks_for_sparsity(scores, sparsity, scope=config.scope, previous=previous)
 
@@ -256,7 +258,7 @@ def dense_npz_bytes(params: PyTree) -> int:
     """Bytes of the params as a plain float32 ``.npz`` (the size a user would otherwise ship)."""
     buf = io.BytesIO()
     arrays = {f"a{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(params))}
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
     return buf.getbuffer().nbytes
 
 
