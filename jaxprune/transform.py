@@ -116,9 +116,16 @@ def _prune_grads(updates: PyTree, masks: PyTree, params: PyTree, weight_decay: f
             raise ValueError(
                 f"weight_decay={weight_decay} needs the params: call update(grads, state, params)."
             )
-        floats = jax.tree.map(is_inexact_array, updates)
-        decay = optax.add_decayed_weights(weight_decay, mask=floats)
-        updates, _ = decay.update(updates, decay.init(params), pure(params))
+        # On the leaf lists: updates may hold NNX Variable wrappers where the params do not.
+        flat, treedef = jax.tree.flatten(updates)
+        weights = jax.tree.leaves(pure(params))
+        floats = [i for i, u in enumerate(flat) if is_inexact_array(u)]
+        decay = optax.add_decayed_weights(weight_decay)
+        chosen = [weights[i] for i in floats]
+        decayed, _ = decay.update([flat[i] for i in floats], decay.init(chosen), chosen)
+        for i, u in zip(floats, decayed, strict=True):
+            flat[i] = u
+        updates = jax.tree.unflatten(treedef, flat)
     return _map_masked(_masked_gradient, updates, masks)
 
 

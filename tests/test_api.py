@@ -37,7 +37,6 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, delay):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         time.sleep(delay)
