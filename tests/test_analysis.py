@@ -13,15 +13,9 @@ from helpers import count_compiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxprune.analysis import (
-    Sensitivity,
-    accuracy,
-    plot_history,
-    plot_sensitivity,
-    plot_weight_histogram,
-    sensitivity,
-)
+from jaxprune.analysis import Sensitivity, accuracy, sensitivity
 from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
+from jaxprune.plots import plot_history, plot_sensitivity, plot_weight_histogram
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,11 +15,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from jaxprune.analysis import plot_history, plot_sensitivity, plot_weight_histogram
 from jaxprune.analysis import sensitivity as sensitivity_scan
 from jaxprune.demo import recipes, run
 from jaxprune.demo.checkpoints import q_of
 from jaxprune.demo.recipes import Config
+from jaxprune.plots import plot_history, plot_sensitivity, plot_weight_histogram
 from jaxprune.rounds import RoundRecord
 
 # The scan costs (layers x grid) evaluations: a 2,000-image slice of the test set keeps it short.
