@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxprune._tree import PyTree, check_state_like, leaves_with_paths
+from jaxprune._state import check_state_like
+from jaxprune._tree import PyTree, leaves_with_paths
 
 Update = Callable[..., PyTree]  # update(model_state, batch, *args) -> new_model_state
 

@@ -23,10 +23,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxprune._state import check_state_like
 from jaxprune._tree import (
     WEIGHT_NAMES,
     PyTree,
-    check_state_like,
     is_array,
     last_key,
     leaves_with_paths,
