@@ -17,7 +17,6 @@ decoder checks all of it before allocating, decompressing no further than the de
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 from jax.experimental.sparse import BCOO
 
+from jaxprune._atomic import BINARY, write_atomically
 from jaxprune._codecs import FileFormatError, _check_object, _Payload
 from jaxprune._manifest import (
     _build_tree,
@@ -41,11 +41,6 @@ from jaxprune._manifest import (
     _parse_tree,
 )
 from jaxprune._text import table
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "LeafReport", "SaveReport", "load", "save"]
 
@@ -61,11 +56,8 @@ _CHUNK = 1 << 20
 _MAX_MANIFEST = 1 << 25  # about 100,000 leaves; parsed JSON takes many times its bytes
 _MAX_JSON_DEPTH = 2 * 100 + 8  # two JSON levels per tree container, plus the leaf entries
 _OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
-_BINARY = getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY
-_WRITE = os.O_WRONLY | _BINARY
 # A FIFO opened for reading blocks until a writer comes; non-blocking, it opens and is refused.
-_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _BINARY
+_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | BINARY
 
 
 class LeafReport(NamedTuple):
@@ -281,75 +273,6 @@ def _decode(f: BinaryIO, size: int, name: str) -> Any:
         raise FileFormatError(f"{name}: {e}") from e
 
 
-# ----------------------------------------------------------------------------- file writes
-
-
-def _write_chunks(f, blob: bytes) -> None:
-    for i in range(0, len(blob), _CHUNK):
-        f.write(blob[i : i + _CHUNK])
-
-
-def _temp_path(path: str) -> str:
-    # One name per target: the next save of a path removes what a crashed save left.
-    directory, base = os.path.split(path)
-    return os.path.join(directory, f".{base}.jaxprune-tmp")
-
-
-def _open_temp(tmp: str) -> int:
-    """A locked, empty, new temp file with the umask's permissions; waits for a concurrent save.
-
-    A file already at ``tmp`` is another save's, being written (its lock makes this one wait), or
-    one a crashed save left (nobody holds its lock): that one is removed and created afresh.
-    """
-    while True:
-        try:
-            fd, fresh = os.open(tmp, _CREATE, 0o666), True
-        except FileExistsError:
-            try:
-                fd, fresh = os.open(tmp, _WRITE), False
-            except FileNotFoundError:
-                continue
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            ours = os.path.samestat(os.fstat(fd), os.stat(tmp))
-        except FileNotFoundError:
-            ours = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if ours and fresh:
-            return fd
-        if ours:
-            os.unlink(tmp)
-        os.close(fd)
-
-
-def _write_atomically(path: str, blob: bytes) -> None:
-    """Temp file in the same directory, fsync, then rename: readers see the old file or the new.
-
-    Through a symlink, the link's target is replaced and the link kept.
-    """
-    target = os.path.realpath(path)
-    tmp = _temp_path(target)
-    fd = _open_temp(tmp)
-    try:
-        with open(fd, "wb", closefd=False) as f:
-            _write_chunks(f, blob)
-        os.fsync(fd)
-        if fcntl is None:  # Windows renames only closed files (and has no flock to hold)
-            os.close(fd)
-            fd = -1
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    finally:
-        if fd >= 0:
-            os.close(fd)
-
-
 def save(
     path: str | os.PathLike,
     tree: Any,
@@ -416,7 +339,7 @@ def save(
     opts = {"values": values, "bits": bits, "index": index, "compress": bool(compress)}
     blob, reports = _encode(tree, opts)
     path = os.fspath(path)
-    _write_atomically(path, blob)
+    write_atomically(path, blob)
     error = max((r.max_abs_error for r in reports), default=0.0)
     return SaveReport(path, len(blob), error, tuple(reports))
 

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.sparse import BCOO
 
-from jaxprune import _codecs, storage
+from jaxprune import _atomic, _codecs, storage
 from jaxprune.storage import FORMAT_VERSION, FileFormatError, load, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -507,7 +507,7 @@ def test_interrupted_save_leaves_the_old_file_and_no_temp_file(saved, monkeypatc
         f.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(storage, "_write_chunks", write_half_then_fail)
+    monkeypatch.setattr(_atomic, "_write_chunks", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         save(path, {"other": jnp.ones((50, 50))})
     assert path.read_bytes() == blob
