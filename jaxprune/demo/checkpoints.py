@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune._atomic import write_atomically
 from jaxprune._tree import PyTree
 from jaxprune.demo.data import Dataset
 from jaxprune.demo.recipes import Config, ConfigError
@@ -79,16 +79,9 @@ def q_of(record: RoundRecord, layer: str, path: str | None = None) -> float | No
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Writes JSON atomically: a temp file in the same folder, then a rename."""
+    """Writes JSON atomically, as the model files are (temp file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(str(path), json.dumps(obj, indent=2).encode())
 
 
 def read_json(path: Path) -> Any:
