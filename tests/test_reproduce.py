@@ -21,6 +21,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow  # a benchmark's smoke run (2 seeds x 3 runs): CI runs it in its second step
 def test_quick_two_seeds(bench, tmp_path, capsys):
     out = tmp_path / "summary.json"
     argv = ["--quick", "--seeds", "2", "--model", "lenet300", "--out", str(tmp_path)]

@@ -281,6 +281,7 @@ def test_pruned_lenet_300_100_is_over_10x_smaller_than_dense_npz(tmp_path):
     assert ratio >= 10.0, str(report)
 
 
+@pytest.mark.slow  # a benchmark's smoke run: CI runs it in its second step
 def test_benchmark_quick_runs():
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "file_size.py"), "--quick"],

@@ -527,6 +527,7 @@ def test_neuron_masks_bad_arguments():
         neuron_masks(params, 0.5, layers=NAMES, score="l1")
 
 
+@pytest.mark.slow  # a benchmark's smoke run (trains three models): CI runs it in its second step
 @pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 def test_benchmark_quick_runs():
     spec = importlib.util.spec_from_file_location("bench_shrink", ROOT / "benchmarks/shrink.py")
