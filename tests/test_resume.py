@@ -69,6 +69,7 @@ def _masks(out: Path, rounds: int) -> dict:
     return {k: np.asarray(v["kernel"]) for k, v in tree["masks"].items()}
 
 
+@pytest.mark.slow  # SIGKILL mid-run, then resumes: CI runs it in its second step
 def test_a_killed_run_resumes_only_as_itself(finished, tmp_path, capsys):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(

@@ -17,7 +17,8 @@ from jaxprune.sparse import sparse_apply, to_bcoo
 pytestmark = pytest.mark.standard_promotion
 
 NAMES = [
-    "linen_resnet",
+    # The ResNet's convolutions compile slowly: its run is in CI's second (slow) step.
+    pytest.param("linen_resnet", marks=pytest.mark.slow),
     "linen_transformer",
     "linen_transformer_scan",
     "nnx_cnn",
