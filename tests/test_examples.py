@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# The examples are user code: optax's Adam and a broadcast positional table need JAX's default
+# promotion (conftest.py).
+pytestmark = pytest.mark.standard_promotion
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
