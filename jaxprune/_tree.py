@@ -415,6 +415,18 @@ class Unit(NamedTuple):
         return self.path if self.index is None else slice_name(self.path, self.index)
 
 
+def check_finite(path: str, leaf: Any) -> None:
+    """Refuses a concrete leaf holding NaN or inf: its magnitudes cannot rank or threshold it.
+
+    One fetched bool from a reduction, so a sharded leaf is never gathered; traced leaves pass.
+    """
+    if not isinstance(leaf, jax.core.Tracer) and not jax.device_get(jnp.isfinite(leaf).all()):
+        raise ValueError(
+            f"params[{path!r}] contains NaN or inf; magnitudes cannot rank or threshold it. Fix "
+            "the weights (e.g. a diverged training run) before computing masks."
+        )
+
+
 def layer_units(params: PyTree, prunable: Mapping[str, bool], axes: Mapping[str, int]) -> list:
     """The layers of ``params`` in flattening order: one :class:`Unit` per leaf or slice."""
     units: list[Unit] = []

@@ -29,6 +29,7 @@ from jaxprune._tree import (
     PyTree,
     Stacked,
     Where,
+    check_finite,
     check_masks,
     default_where,
     is_array,
@@ -40,16 +41,6 @@ from jaxprune._tree import (
     stacked_axes,
 )
 from jaxprune.nm import default_axis, slice_patterns
-
-
-def _check_finite(params: PyTree, prunable: Mapping[str, bool]) -> None:
-    for path, leaf in leaves_with_paths(params):
-        # An explicit fetch of one bool: a reduction, so a sharded leaf is never gathered.
-        if prunable[path] and not is_traced(leaf) and not jax.device_get(jnp.isfinite(leaf).all()):
-            raise ValueError(
-                f"params[{path!r}] contains NaN or inf; pruning thresholds would be meaningless. "
-                "Fix the weights (e.g. a diverged training run) before computing masks."
-            )
 
 
 def _leafwise(fn, params: PyTree, previous: PyTree | None) -> PyTree:
@@ -73,7 +64,9 @@ def _prepare(params, previous, where, stacked) -> tuple[dict[str, bool], dict[st
     axes = stacked_axes(params, stacked, prunable)
     if previous is not None:
         check_masks(params, previous, name="previous")
-    _check_finite(params, prunable)
+    for path, leaf in leaves_with_paths(params):
+        if prunable[path]:
+            check_finite(path, leaf)
     return prunable, axes
 
 
@@ -407,11 +400,13 @@ def summarize(
     rule = default_where if where is None else where
     mask_of = dict(leaves_with_paths(masks))
     # Counts are reductions where the masks lie; only scalars (one per slice) come to the host.
-    kept_of = {
-        path: jax.device_get(jnp.sum(mask_of[path], dtype=jnp.int32))
-        for path, leaf in leaves_with_paths(params)
-        if is_array(leaf)
-    }
+    kept_of = jax.device_get(  # one fetch for every leaf's count
+        {
+            path: jnp.sum(mask_of[path], dtype=jnp.int32)
+            for path, leaf in leaves_with_paths(params)
+            if is_array(leaf)
+        }
+    )
     shown = {
         path: is_array(leaf) and (rule(path, leaf) or int(kept_of[path]) < leaf.size)
         for path, leaf in leaves_with_paths(params)

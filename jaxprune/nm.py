@@ -28,6 +28,7 @@ from jaxprune._tree import (
     PyTree,
     Stacked,
     Where,
+    check_finite,
     check_like,
     is_array,
     last_key,
@@ -239,11 +240,7 @@ def nm_masks(
                 "within a layer: pass another axis=."
             )
         _check_groups(path, shape, a, m)
-        if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.isfinite(leaf).all()):
-            raise ValueError(
-                f"params[{path!r}] contains NaN or inf; magnitudes cannot rank it. Fix the "
-                "weights (e.g. a diverged training run) before computing masks."
-            )
+        check_finite(path, leaf)
         axes[path] = a
 
     def one(keypath: tuple, leaf: Any, prev: Any) -> Any:
