@@ -45,13 +45,16 @@ class RoundRecord(NamedTuple):
     kept_total: float
     train_loss: float
     metric: Any
-    learning_rate: float
     dropout_rates: dict[str, float]
     pattern: tuple[int, int] | None = None
 
 
 class RoundsState(NamedTuple):
-    """What :func:`prune_and_retrain` yields after each round; pass it as ``resume`` to go on."""
+    """What :func:`prune_and_retrain` yields after each round; pass it as ``resume`` to go on.
+
+    ``opt_state`` has the structure of ``keep_pruned(optimizer, masks).init(params)`` for the
+    driver's ``optimizer``: that is the template to restore a saved state's leaves into.
+    """
 
     round: int
     params: PyTree
@@ -122,10 +125,6 @@ def _check_driver_args(
     check_count(epochs, name="epochs")
 
 
-def _default_optimizer(learning_rate: float) -> optax.GradientTransformation:
-    return optax.sgd(learning_rate, momentum=0.9)
-
-
 def prune_and_retrain(
     params: PyTree,
     loss_fn: LossFn,
@@ -133,15 +132,12 @@ def prune_and_retrain(
     evaluate: Callable[[PyTree], Any],
     *,
     rounds: int,
-    learning_rate: float,
+    optimizer: optax.GradientTransformation,
     q: Schedule = None,
     sparsity: Schedule = None,
     scope: str = "layer",
     pattern: Schedule = None,
     pattern_axis: AxisSpec = None,
-    lr_scale: float = 0.1,
-    optimizer: Callable[[float], optax.GradientTransformation] = _default_optimizer,
-    weight_decay: float = 0.0,
     epochs: int = 1,
     dropout: Mapping[str, tuple[float, str]] | None = None,
     seed: int | jax.Array = 0,
@@ -158,8 +154,9 @@ def prune_and_retrain(
     ``masks_for_sparsity(params, sparsity_r, ...)``), then, with a ``pattern``, projected onto N:M
     (``nm_masks(params, n, m, previous=masks)``), params are masked, dropout rates are rescaled
     by :func:`jaxprune.dropout_rate`, and the survivors are retrained for ``epochs`` epochs with
-    ``keep_pruned(optimizer(learning_rate * lr_scale), masks, weight_decay=weight_decay)`` (Han
-    et al. retrain at 1/10 of the original rate; the L2 term is coupled, as in the paper). The
+    ``keep_pruned(optimizer, masks)``. ``optimizer`` is any optax transformation and carries the
+    retraining learning rate: Han et al. retrain at 1/10 of the original rate with a coupled L2
+    term, ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr / 10, momentum=0.9))``. The
     optimizer state is carried across rounds with new masks swapped in by
     :func:`jaxprune.transform.update_masks`, so the step compiles once per distinct set of
     dropout rates, not once per round; carried momentum cannot regrow pruned weights.
@@ -181,7 +178,8 @@ def prune_and_retrain(
       batches: ``batches(epoch) -> iterable of batches``; the driver loads no data itself.
       evaluate: ``evaluate(params) -> metric`` (e.g. test accuracy), called after each round.
       rounds: the number of prune -> retrain rounds.
-      learning_rate: the original (dense training) learning rate.
+      optimizer: the retraining ``GradientTransformation`` (its own learning rate and schedule,
+        weight decay included); the driver wraps it in :func:`jaxprune.keep_pruned`.
       q: Han's quality parameter per round: a float, a sequence of ``rounds`` floats or a function
         of the round index; any of these values may instead be a mapping from layer path or
         pattern to q (as :func:`jaxprune.masks.compute_masks` takes it), since layers differ in
@@ -198,9 +196,6 @@ def prune_and_retrain(
         pruned connections stay pruned, a round's masks satisfy its pattern exactly: at most
         ``n`` per group, exactly ``n`` where no more were pruned before.
       pattern_axis: the group axis (or ``{pattern: axis}``), as ``nm_masks``'s ``axis``.
-      lr_scale: the retraining learning rate is ``learning_rate * lr_scale``.
-      optimizer: ``optimizer(lr) -> GradientTransformation``; default SGD with momentum 0.9.
-      weight_decay: the L2 coefficient (``>= 0``).
       epochs: retraining epochs per round.
       dropout: ``{name: (original_rate, kernel_path)}``; the Dropout named ``name`` drops the
         outputs of the layer whose kernel is at ``kernel_path`` and follows its connection count.
@@ -223,26 +218,26 @@ def prune_and_retrain(
       A :class:`RoundsState` after each round: ``round`` is the number of rounds done,
       ``model_state`` the retrained model state, and ``history`` holds one :class:`RoundRecord`
       per round so far (q or sparsity, kept fraction per prunable leaf and in total, mean train
-      loss, metric, learning rate, dropout rates and N:M pattern).
+      loss, metric, dropout rates and N:M pattern).
 
     Raises:
       ValueError: on both ``q`` and ``sparsity``, neither without a ``pattern``, a round with
         none of them, a schedule of the wrong length, an invalid pattern (see ``nm_masks``),
-        ``rounds`` or ``epochs`` below 1, a negative ``weight_decay``, a ``dropout`` kernel path
+        ``rounds`` or ``epochs`` below 1, a ``dropout`` kernel path
         that is not in the masks, an epoch without batches, or ``reestimate`` without a
         ``model_state``.
       TypeError: if a round's pattern is not an ``(n, m)`` pair of ints.
 
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, optax
     >>> params = {'kernel': jax.random.normal(jax.random.key(0), (4, 3))}
     >>> x = jax.random.normal(jax.random.key(1), (8, 4))
     >>> loss = lambda p, b, rng: jnp.mean((b @ p['kernel'] - 1.0) ** 2)
     >>> runs = prune_and_retrain(params, loss, lambda e: [x] * 5, lambda p: 0.0, rounds=2,
-    ...                          learning_rate=0.1, sparsity=[0.5, 0.75])
+    ...                          optimizer=optax.sgd(0.01), sparsity=[0.5, 0.75])
     >>> [h.kept_total for h in list(runs)[-1].history]
     [0.5, 0.25]
     >>> runs = prune_and_retrain(params, loss, lambda e: [x] * 5, lambda p: 0.0, rounds=1,
-    ...                          learning_rate=0.1, pattern=(1, 2))  # one-shot 1:2, retrained
+    ...                          optimizer=optax.sgd(0.01), pattern=(1, 2))  # one-shot 1:2, retrained
     >>> record = list(runs)[-1].history[-1]
     >>> record.kept_total, record.pattern
     (0.5, (1, 2))
@@ -252,8 +247,12 @@ def prune_and_retrain(
         raise ValueError(
             f"reestimate={reestimate} needs the statistics to re-estimate: pass model_state=."
         )
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax GradientTransformation (e.g. optax.sgd(0.01, "
+            f"momentum=0.9)), got {type(optimizer).__name__}."
+        )
     dropout = dict(dropout or {})
-    lr = float(learning_rate) * float(lr_scale)
     start = resume or RoundsState(0, params, None, None, (), model_state)
     params, masks, opt_state, history = start.params, start.masks, start.opt_state, start.history
     model_state = start.model_state
@@ -281,7 +280,7 @@ def prune_and_retrain(
             )
         params = apply_masks(params, masks)
         if tx is None:
-            tx = keep_pruned(optimizer(lr), masks, weight_decay=weight_decay)
+            tx = keep_pruned(optimizer, masks)
         opt_state = tx.init(params) if opt_state is None else update_masks(opt_state, masks)
         rates = retrain_dropout_rates(dropout, masks)
         rates_key = tuple(sorted(rates.items()))
@@ -324,7 +323,6 @@ def prune_and_retrain(
             kept_total=summary.kept_fraction,
             train_loss=float(total_loss) / total_steps,
             metric=evaluate(params),
-            learning_rate=lr,
             dropout_rates=rates,
             pattern=p_r,
         )

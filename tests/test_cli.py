@@ -141,7 +141,6 @@ def test_round_lines_and_tables_name_nnx_layers_by_their_whole_path():
         kept_total=0.4,
         train_loss=0.1,
         metric=0.9,
-        learning_rate=0.05,
         dropout_rates={},
     )
     line = report.round_line(record, config)

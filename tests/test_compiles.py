@@ -63,7 +63,7 @@ def test_prune_and_retrain_compiles_the_step_once():
             lambda epoch: [(X, Y)] * 2,
             lambda p: 0.0,
             rounds=4,
-            learning_rate=0.1,
+            optimizer=optax.sgd(0.01, momentum=0.9),
             q=[0.5, 1.0, 1.5, 2.0],
         )
         *_, last = rounds

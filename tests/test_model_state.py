@@ -397,7 +397,13 @@ def test_driver_carries_model_state_reestimates_it_and_resumes():
     def evaluate(p):
         return 0.0
 
-    kwargs = dict(rounds=2, learning_rate=0.1, sparsity=[0.5, 0.8], model_state=state, reestimate=2)
+    kwargs = dict(
+        rounds=2,
+        optimizer=optax.sgd(0.01, momentum=0.9),
+        sparsity=[0.5, 0.8],
+        model_state=state,
+        reestimate=2,
+    )
     batches = lambda e: [(X[i : i + 8], Y[i : i + 8]) for i in (0, 8)]  # noqa: E731
     runs = list(jaxprune.prune_and_retrain(params, loss, batches, evaluate, **kwargs))
     last = runs[-1]
@@ -426,9 +432,7 @@ def test_round_checkpoints_keep_the_model_state(tmp_path):
     data = load_digits()
     params = run.init_params(config, data)
     masks = jaxprune.compute_masks(params, 0.5)
-    tx = jaxprune.keep_pruned(
-        run.retrain_optimizer(config, data)(config.lr * config.retrain_lr_scale), masks
-    )
+    tx = jaxprune.keep_pruned(run.retrain_optimizer(config, data), masks)
     stats = {"batch_stats": {"bn": {"mean": jnp.arange(3.0)}}}
     checkpoints = Checkpoints(tmp_path)
     checkpoints.dir.mkdir(parents=True)

@@ -312,7 +312,9 @@ def _driver_problem():
 def test_driver_reaches_the_pattern_without_reviving(kwargs, kept):
     params, loss, batches = _driver_problem()
     runs = list(
-        prune_and_retrain(params, loss, batches, lambda p: 0.0, learning_rate=0.1, **kwargs)
+        prune_and_retrain(
+            params, loss, batches, lambda p: 0.0, optimizer=optax.sgd(0.01, momentum=0.9), **kwargs
+        )
     )
     before = None
     for state in runs:
@@ -336,7 +338,14 @@ def test_driver_pattern_errors():
 
     def run(**kwargs):
         return list(
-            prune_and_retrain(params, loss, batches, lambda p: 0.0, learning_rate=0.1, **kwargs)
+            prune_and_retrain(
+                params,
+                loss,
+                batches,
+                lambda p: 0.0,
+                optimizer=optax.sgd(0.01, momentum=0.9),
+                **kwargs,
+            )
         )
 
     with pytest.raises(ValueError, match="exactly one of q"):

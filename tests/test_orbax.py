@@ -149,7 +149,7 @@ def test_prune_gradients_state_and_masks_round_trip(tmp_path):
 @pytest.mark.standard_promotion  # optax's Adam / a test model's broadcast bias
 def test_rounds_state_round_trips_and_resumes(tmp_path):
     x = jax.random.normal(jax.random.key(2), (16, 8))
-    kwargs = dict(rounds=2, learning_rate=0.1, q=[0.5, 1.0])
+    kwargs = dict(rounds=2, optimizer=optax.sgd(0.01, momentum=0.9), q=[0.5, 1.0])
     runs = jaxprune.prune_and_retrain(_params(), _loss, lambda e: [x] * 3, lambda p: 0.0, **kwargs)
     first = next(runs)
     # The arrays go to orbax; the history (Python floats and dicts) is JSON a checkpoint keeps

@@ -285,8 +285,7 @@ def test_driver_prunes_more_each_round_and_records_history(kind, qs):
             accuracy,
             rounds=len(qs),
             q=qs,
-            learning_rate=0.5,
-            weight_decay=1e-4,
+            optimizer=optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.05, momentum=0.9)),
             epochs=2,
             dropout=dropout,
             seed=_key(0),
@@ -305,7 +304,6 @@ def test_driver_prunes_more_each_round_and_records_history(kind, qs):
     kernel = "Dense_0/kernel" if kind == "linen" else "fc1/kernel"
     k, t = counts[kernel]
     assert history[-1].dropout_rates["drop"] == pytest.approx(0.5 * math.sqrt(k / t))
-    assert all(h.learning_rate == pytest.approx(0.05) for h in history)
     assert all(0.0 <= h.metric <= 1.0 and math.isfinite(h.train_loss) for h in history)
     assert [(r, e) for r, e, _ in seen_epochs] == [(r, e) for r in range(len(qs)) for e in range(2)]
     assert np.all(_pruned_values(final.params, final.masks) == 0.0)
@@ -317,7 +315,9 @@ def test_driver_prunes_more_each_round_and_records_history(kind, qs):
 
 def test_driver_resume_reproduces_the_uninterrupted_run():
     params, loss, batches, accuracy, _ = _driver_args("linen")
-    kwargs = dict(rounds=2, sparsity=[0.5, 0.8], learning_rate=0.5, seed=_key(7))
+    kwargs = dict(
+        rounds=2, sparsity=[0.5, 0.8], optimizer=optax.sgd(0.05, momentum=0.9), seed=_key(7)
+    )
 
     def loss_fn(p, b, rng):
         return loss(p, b, rng, {"drop": 0.3})  # no dropout schedule: one compilation
@@ -342,7 +342,11 @@ def test_driver_resume_reproduces_the_uninterrupted_run():
 def test_driver_bad_arguments():
     params, loss, batches, accuracy, _ = _driver_args("linen")
     with pytest.raises(ValueError, match="exactly one of q"):
-        next(prune_and_retrain(params, loss, batches, accuracy, rounds=1, learning_rate=0.1))
+        next(
+            prune_and_retrain(
+                params, loss, batches, accuracy, rounds=1, optimizer=optax.sgd(0.01, momentum=0.9)
+            )
+        )
     for bad, error, match in (
         ({"rounds": 0}, ValueError, r"rounds must be an int >= 1, got 0"),
         ({"rounds": 2.0}, TypeError, r"rounds must be an int, got float"),
@@ -350,12 +354,30 @@ def test_driver_bad_arguments():
     ):
         with pytest.raises(error, match=match):
             next(
-                prune_and_retrain(params, loss, batches, accuracy, q=1.0, learning_rate=0.1, **bad)
+                prune_and_retrain(
+                    params,
+                    loss,
+                    batches,
+                    accuracy,
+                    q=1.0,
+                    optimizer=optax.sgd(0.01, momentum=0.9),
+                    **bad,
+                )
             )
+    with pytest.raises(TypeError, match=r"optimizer must be an optax GradientTransformation"):
+        next(
+            prune_and_retrain(params, loss, batches, accuracy, rounds=1, q=1.0, optimizer=optax.sgd)
+        )
     with pytest.raises(ValueError, match=r"q has 2 entries, expected rounds=3"):
         next(
             prune_and_retrain(
-                params, loss, batches, accuracy, rounds=3, q=[0.5, 1.0], learning_rate=0.1
+                params,
+                loss,
+                batches,
+                accuracy,
+                rounds=3,
+                q=[0.5, 1.0],
+                optimizer=optax.sgd(0.01, momentum=0.9),
             )
         )
     with pytest.raises(ValueError, match=r"batches\(0\) yielded no batch"):
@@ -367,7 +389,7 @@ def test_driver_bad_arguments():
                 accuracy,
                 rounds=1,
                 q=0.5,
-                learning_rate=0.1,
+                optimizer=optax.sgd(0.01, momentum=0.9),
                 dropout={"drop": (0.5, "Dense_0/kernel")},
             )
         )

@@ -429,7 +429,7 @@ def test_structured_masks_compose_with_the_round_driver():
         lambda e: [(x, y)] * 3,
         lambda p: 0.0,
         rounds=1,
-        learning_rate=0.5,
+        optimizer=optax.sgd(0.05, momentum=0.9),
         q=0.5,
         resume=start,
     )

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from zoo import zoo
 
@@ -194,7 +195,7 @@ def test_prune_and_retrain_keeps_every_slice_at_its_target():
         lambda epoch: [x] * 3,
         lambda p: 0.0,
         rounds=2,
-        learning_rate=0.01,
+        optimizer=optax.sgd(0.001, momentum=0.9),
         sparsity=[0.5, 0.8],
         stacked={"layers": 0},
     )

@@ -304,12 +304,9 @@ class Checkpoints:
         k, meta = found
         tree = load(self.dir / f"round-{k}.jaxprune")
         history = meta["history"] if isinstance(meta, dict) else meta
-        # The optimizer state is stored as its leaves; its structure comes from a fresh init.
-        lr = config.lr * config.retrain_lr_scale
-        tx = keep_pruned(
-            retrain_optimizer(config, data)(lr), tree["masks"], weight_decay=config.weight_decay
-        )
-        template = tx.init(tree["params"])
+        # The optimizer state is stored as its leaves; its structure comes from a fresh init of
+        # what the driver retrains with (RoundsState.opt_state).
+        template = keep_pruned(retrain_optimizer(config, data), tree["masks"]).init(tree["params"])
         opt_state = jax.tree.unflatten(
             jax.tree.structure(template), [jnp.asarray(x) for x in tree["opt"]]
         )

@@ -50,7 +50,7 @@ def history_entry(record: RoundRecord, config: Config) -> dict[str, Any]:
         "kept_fraction_per_layer": record.kept,
         "accuracy": record.metric,
         "train_loss": record.train_loss,
-        "retrain_lr": record.learning_rate,
+        "retrain_lr": config.lr * config.retrain_lr_scale,
         "dropout_rates": record.dropout_rates,
     }
 

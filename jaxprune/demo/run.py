@@ -157,17 +157,18 @@ def train_dense(
     return state.params
 
 
-def retrain_optimizer(
-    config: Config, data: Dataset
-) -> Callable[[float], optax.GradientTransformation]:
-    """SGD with momentum and a cosine schedule that restarts every round."""
+def retrain_optimizer(config: Config, data: Dataset) -> optax.GradientTransformation:
+    """The retraining optimizer of every round, and the template to restore its state from.
+
+    SGD with momentum at ``lr * retrain_lr_scale`` and a cosine schedule that restarts every round,
+    after Han et al.'s coupled L2 (``optax.add_decayed_weights``).
+    """
     period = config.retrain_epochs * steps_per_epoch(config, data)
-
-    def make(lr: float) -> optax.GradientTransformation:
-        cosine = optax.cosine_decay_schedule(lr, period)
-        return optax.sgd(lambda count: cosine(count % period), momentum=0.9)
-
-    return make
+    cosine = optax.cosine_decay_schedule(config.lr * config.retrain_lr_scale, period)
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(lambda count: cosine(count % period), momentum=0.9),
+    )
 
 
 def rounds(
@@ -200,10 +201,7 @@ def rounds(
         batches=epoch_batches(config, data, offset=config.epochs),
         evaluate=lambda p: accuracy(apply_fn, p, data.x_test, data.y_test),
         rounds=config.rounds,
-        learning_rate=config.lr,
-        lr_scale=config.retrain_lr_scale,
         optimizer=retrain_optimizer(config, data),
-        weight_decay=config.weight_decay,
         epochs=config.retrain_epochs,
         dropout=dropout_layers(config),
         seed=config.seed + 2,
@@ -399,11 +397,7 @@ def structured(config: Config, data: Dataset, dense: PyTree, fraction: float) ->
     pruned = apply_masks(dense, masks)
     error_before = 1.0 - accuracy(apply_fn, pruned, data.x_test, data.y_test)
 
-    tx = keep_pruned(
-        retrain_optimizer(config, data)(config.lr * config.retrain_lr_scale),
-        masks,
-        weight_decay=config.weight_decay,
-    )
+    tx = keep_pruned(retrain_optimizer(config, data), masks)
     loss = make_loss(config)
     rates = {b: r for b, (r, _) in dropout_layers(config).items()}
     step = make_retrain_step(functools.partial(loss, dropout_rates=rates), tx)
