@@ -17,7 +17,7 @@ Run ``python benchmarks/sparse_inference.py`` (about 5 minutes on 2 busy cores) 
 ``--quick`` (under a minute, mostly compilation). ``-`` marks a layout skipped because its
 temporary would need gigabytes.
 
-Measured on the 2-core CPU these thresholds in ``jaxprune._kernels`` come from (jax 0.10.2, other
+Measured on the 2-core CPU these thresholds in ``jaxprune._layouts`` come from (jax 0.10.2, other
 jobs sharing the cores; two programs that both run dense differed by up to +-25% at batch 1024):
 
 =====================  ========  =====  =====  =====  =====  =====

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _kernels
+from jaxprune import _layouts
 from jaxprune._hooks import is_bcoo
 from jaxprune._products import Call
 from jaxprune._tree import PyTree
@@ -78,7 +78,7 @@ class SparseApply:
         self,
         tree: PyTree,
         runner: Callable,
-        kernels: dict[str, _kernels.Entries],
+        kernels: dict[str, _layouts.Entries],
         stacked: frozenset[str],
         formats: FormatSpec,
     ):
@@ -151,9 +151,9 @@ class SparseApply:
             if call.path in self._stacked:
                 parts = [part.view(contract)[:3] for part in entries.slices()]
                 shape = entries.slices()[0].matrix(contract)
-                self._layouts[key] = _kernels.build_stacked(fmt, parts, shape)
+                self._layouts[key] = _layouts.build_stacked(fmt, parts, shape)
             else:
-                self._layouts[key] = _kernels.build(fmt, *entries.view(contract))
+                self._layouts[key] = _layouts.build(fmt, *entries.view(contract))
         return self._layouts[key]
 
     def _calibrated(self, call: Call) -> str:
@@ -164,7 +164,7 @@ class SparseApply:
         else:
             lhs = jax.random.normal(jax.random.key(0), call.lhs.shape, call.lhs.dtype)
         times = {}
-        for fmt in _kernels.FORMATS:
+        for fmt in _layouts.FORMATS:
             if _temporary_size(fmt, entries, call) > 2**26:
                 continue  # the gather temporary would take gigabytes
             layout = self._layout(call, fmt)
@@ -175,7 +175,7 @@ class SparseApply:
         return best if times[best] < 0.9 * times["dense"] else "dense"
 
     def _rule(self, calls: dict[tuple[str, str], Call]) -> dict[tuple[str, str], str]:
-        """The automatic choice: ``_kernels.choose_plan`` on each product's 2-D view."""
+        """The automatic choice: ``_layouts.choose_plan`` on each product's 2-D view."""
         products = {
             key: (
                 self._kernels[key[0]].density,
@@ -193,14 +193,14 @@ class SparseApply:
             call.use in ("lookup", "conv") or call.path in self._stacked for call in calls.values()
         )
         if stays_dense:
-            rule = {key: _kernels.choose(*spec) for key, spec in products.items()}
+            rule = {key: _layouts.choose(*spec) for key, spec in products.items()}
         else:
-            rule = _kernels.choose_plan(products)
+            rule = _layouts.choose_plan(products)
         # The rule keeps convolutions dense: XLA's native convolution beat patches times a sparse
         # matrix on LeNet-5 (batch 1: 1.55x slower with conv2 in BCSR). 'calibrate' still tries.
         rule.update({key: "dense" for key, call in calls.items() if call.use == "conv"})
         rule.update(
-            {key: _kernels.LOOKUP_FORMAT for key, call in calls.items() if call.use == "lookup"}
+            {key: _layouts.LOOKUP_FORMAT for key, call in calls.items() if call.use == "lookup"}
         )
         # Inside a scan each slice's layout is picked by a dynamic index: small stacked layers in
         # BCSR made the nnx.scan Transformer of examples/transformer.py 1.8x slower than dense
@@ -209,7 +209,7 @@ class SparseApply:
             {
                 key: "dense"
                 for key, (_, _, shape) in products.items()
-                if key[0] in self._stacked and math.prod(shape) < _kernels.LARGE_LAYER_SIZE
+                if key[0] in self._stacked and math.prod(shape) < _layouts.LARGE_LAYER_SIZE
             }
         )
         return rule
@@ -281,7 +281,7 @@ def _layout_key(call: Call, fmt: str) -> tuple[str, tuple[int, ...], str]:
     return (call.path, contract, fmt)
 
 
-def _temporary_size(fmt: str, entries: _kernels.Entries, call: Call) -> int:
+def _temporary_size(fmt: str, entries: _layouts.Entries, call: Call) -> int:
     """Elements of the gather temporary of ``bcoo`` (kept x rows) or ``ell`` (N x width x rows)."""
     if fmt == "bcoo":
         return entries.vals.size * call.rows

@@ -4,7 +4,7 @@ A layer's product contracts some axes of its input with some axes of its kernel.
 layer (Dense, DenseGeneral's ``(features, heads, head_dim)`` query kernel, the ``(heads, head_dim,
 features)`` out kernel, an Einsum, a convolution's patches, an Embed's tied output head), the
 input is moved to ``(free..., contracted...)`` and flattened to ``x2d``, and the kernel is seen as
-``W2d``: transposed to ``(contracted..., free...)`` and reshaped (:meth:`jaxprune._kernels.Entries.view`).
+``W2d``: transposed to ``(contracted..., free...)`` and reshaped (:meth:`jaxprune._layouts.Entries.view`).
 The functions here are the stand-ins a hook calls with the layer's arguments: each describes the
 product as a :class:`Call` and hands it to ``step``, which runs it in the layout chosen for it.
 """
@@ -18,8 +18,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxprune import _kernels
+from jaxprune import _layouts
 
 
 class Call(NamedTuple):
@@ -59,7 +60,7 @@ def product(
 
     def run(fmt: str, layout: Any, x: jax.Array) -> jax.Array:
         flat = x.transpose(*free_lhs, *lhs_axes).reshape(math.prod(lead), -1).astype(dtype)
-        return _kernels.matmul(fmt, layout, flat).reshape(*lead, *free_kernel)
+        return _layouts.matmul(fmt, layout, flat).reshape(*lead, *free_kernel)
 
     use = "axes " + ",".join(map(str, contract))
     return step(Call(path, use, contract, math.prod(lead), run, _struct(lhs)), lhs, index)
@@ -71,7 +72,7 @@ def lookup(
     """Rows ``ids`` of an embedding table of ``shape`` (``jnp.take(table, ids, axis=0)``)."""
 
     def run(fmt: str, layout: Any, x: jax.Array) -> jax.Array:
-        return _kernels.lookup(fmt, layout, x, shape[1]).astype(dtype)
+        return _layouts.lookup(fmt, layout, x, shape[1]).astype(dtype)
 
     return step(Call(path, "lookup", (0,), math.prod(ids.shape), run, _struct(ids)), ids, index)
 
@@ -219,9 +220,9 @@ def conv(path: str, shape: tuple[int, ...], step: Step, resolve: Callable) -> Ca
                 return jax.lax.conv_general_dilated(
                     x, kernel, strides, padding, lhs_dilation, rhs_dilation, dims
                 )
-            patches = _kernels.im2col(x, shape[:-2], strides, padding, lhs_dilation, rhs_dilation)
+            patches = im2col(x, shape[:-2], strides, padding, lhs_dilation, rhs_dilation)
             flat = patches.reshape(-1, patches.shape[-1])
-            return _kernels.matmul(fmt, layout, flat).reshape(*patches.shape[:-1], -1)
+            return _layouts.matmul(fmt, layout, flat).reshape(*patches.shape[:-1], -1)
 
         out_shape = jax.eval_shape(
             lambda a: jax.lax.conv_general_dilated(
@@ -234,3 +235,42 @@ def conv(path: str, shape: tuple[int, ...], step: Step, resolve: Callable) -> Ca
         return out if preferred_element_type is None else out.astype(preferred_element_type)
 
     return hook
+
+
+def im2col(
+    lhs: jax.Array,
+    kernel_spatial: tuple[int, ...],
+    strides: tuple[int, ...],
+    padding: Any,
+    lhs_dilation: tuple[int, ...],
+    rhs_dilation: tuple[int, ...],
+) -> jax.Array:
+    """Patches of a channel-last input, ordered ``(*kernel_spatial, C)`` to match an HWIO kernel.
+
+    Returns ``(N, *out_spatial, prod(kernel_spatial) * C)``, so that its product with the kernel
+    reshaped to ``(prod(kernel_spatial) * C, features)`` is ``lax.conv_general_dilated``.
+    Built from strided slices (memory traffic only), not from an identity convolution.
+    """
+    in_sp = lhs.shape[1:-1]
+    dilated_in = tuple((s - 1) * d + 1 for s, d in zip(in_sp, lhs_dilation, strict=True))
+    dilated_k = tuple((k - 1) * d + 1 for k, d in zip(kernel_spatial, rhs_dilation, strict=True))
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(dilated_in, dilated_k, strides, padding)
+    config = [(0, 0, 0)]
+    config += [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation, strict=True)]
+    config += [(0, 0, 0)]
+    padded = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype), config)
+    out_sp = tuple(
+        (p - k) // s + 1 for p, k, s in zip(padded.shape[1:-1], dilated_k, strides, strict=True)
+    )
+    pieces = []
+    for offset in np.ndindex(*kernel_spatial):
+        start = (0, *(o * d for o, d in zip(offset, rhs_dilation, strict=True)), 0)
+        limit = (
+            padded.shape[0],
+            *(st + (o - 1) * s + 1 for st, o, s in zip(start[1:-1], out_sp, strides, strict=True)),
+            padded.shape[-1],
+        )
+        pieces.append(jax.lax.slice(padded, start, limit, (1, *strides, 1)))
+    patches = jnp.stack(pieces, axis=-2)  # (N, *out_sp, prod(kernel), C)
+    return patches.reshape(*patches.shape[:-2], -1)

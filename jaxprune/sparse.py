@@ -9,7 +9,7 @@ its pruned weights (Dense/DenseGeneral, Einsum, Conv kernels and Embed tables, s
 included), through the hooks of :mod:`jaxprune._hooks`. Every product runs as ``x2d @ W2d`` on a
 2-D view of the kernel (:mod:`jaxprune._products`); a convolution as its patches times the kernel
 reshaped to ``(kh * kw * cin, cout)``. For each product and input shape, the weights are held in
-the layout (dense, BCOO, BCSR or a row-padded gather layout, see :mod:`jaxprune._kernels`)
+the layout (dense, BCOO, BCSR or a row-padded gather layout, see :mod:`jaxprune._layouts`)
 expected to be fastest; dense whenever in doubt (:mod:`jaxprune._apply`).
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental.sparse import BCOO
 
-from jaxprune import _kernels
+from jaxprune import _layouts
 from jaxprune._apply import FormatSpec, SparseApply
 from jaxprune._hooks import Kernels, bcoo_paths, is_bcoo, linen_runner, nnx_runner
 from jaxprune._tree import (
@@ -153,14 +153,14 @@ def to_dense(exported: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(one, exported, is_leaf=is_bcoo)
 
 
-def _entries_of(kernel: BCOO) -> _kernels.Entries:
-    return _kernels.Entries(
+def _entries_of(kernel: BCOO) -> _layouts.Entries:
+    return _layouts.Entries(
         tuple(kernel.shape), np.asarray(kernel.indices), np.asarray(kernel.data)
     )
 
 
-def _check_formats(formats: Any, kernels: Mapping[str, _kernels.Entries]) -> None:
-    choices = ("auto", "calibrate", *_kernels.FORMATS)
+def _check_formats(formats: Any, kernels: Mapping[str, _layouts.Entries]) -> None:
+    choices = ("auto", "calibrate", *_layouts.FORMATS)
     if isinstance(formats, str):
         if formats not in choices:
             raise ValueError(f"formats={formats!r} is not one of {choices}.")
@@ -175,8 +175,8 @@ def _check_formats(formats: Any, kernels: Mapping[str, _kernels.Entries]) -> Non
             raise ValueError(
                 f"formats[{path!r}] names no pruned kernel; pruned kernels: {sorted(kernels)}."
             )
-        if fmt not in _kernels.FORMATS:
-            raise ValueError(f"formats[{path!r}] = {fmt!r} is not one of {_kernels.FORMATS}.")
+        if fmt not in _layouts.FORMATS:
+            raise ValueError(f"formats[{path!r}] = {fmt!r} is not one of {_layouts.FORMATS}.")
 
 
 def _stacked_kernels(exported: PyTree, stacked: Stacked | None) -> frozenset[str]:
@@ -225,7 +225,7 @@ def sparse_apply(
     The layout of each product is chosen per input shape, since the batch size is known when the
     pass is traced:
 
-    - ``formats='auto'`` (default): a fixed rule measured on CPU (``jaxprune._kernels.choose`` and
+    - ``formats='auto'`` (default): a fixed rule measured on CPU (``jaxprune._layouts.choose`` and
       ``choose_plan``, on each product's 2-D view). Up to 12% density: a single row on a layer of
       at least 2**20 weights uses the row-padded gather layout, up to 256 rows transposed BCSR
       (below 8 rows only if every kernel of the model is that sparse, else smaller layers stay
@@ -233,7 +233,7 @@ def sparse_apply(
       Dense otherwise and for tiny layers. Rows are the batch (times the positions of a sequence
       or a convolution's output). Convolutions stay dense under this rule (XLA's own convolution
       was faster at the densities tried), and so do embedding lookups (a dense ``take`` beat the
-      row-padded gather in every case measured; ``jaxprune._kernels.LOOKUP_FORMAT``).
+      row-padded gather in every case measured; ``jaxprune._layouts.LOOKUP_FORMAT``).
     - ``formats='calibrate'``: times every layout on each product's real shapes at the first call
       for a shape and keeps the fastest (a sparse one only if at least 10% faster than dense).
     - a format name (``'dense'``, ``'bcoo'``, ``'bcsr'``, ``'ell'``) for every kernel, or a

@@ -13,10 +13,10 @@ from jax.experimental.sparse import BCOO
 from zoo import NNXCNN
 
 import jaxprune
-from jaxprune import _kernels
+from jaxprune import _layouts, _products
 from jaxprune.sparse import sparse_apply, to_bcoo, to_dense
 
-ALL_FORMATS = ("auto", *_kernels.SPARSE_FORMATS)  # "auto" covers dense at this density
+ALL_FORMATS = ("auto", *_layouts.SPARSE_FORMATS)  # "auto" covers dense at this density
 
 
 class MLP(nn.Module):
@@ -252,7 +252,7 @@ def test_linen_model_is_not_mutated_and_calibrate_runs():
     apply = sparse_apply(model, to_bcoo(params, masks), formats="calibrate")
     x = jax.random.normal(jax.random.key(0), (4, 8))
     _assert_close(apply(x), model.apply({"params": _masked(params, masks)}, x))
-    assert set(apply.plan(x).values()) <= set(_kernels.FORMATS)
+    assert set(apply.plan(x).values()) <= set(_layouts.FORMATS)
 
     dense = nn.Dense(5)  # the hook is swapped on apply's bound clone, never on the user's module
     params, masks = _linen(dense, (8,))
@@ -279,7 +279,7 @@ def test_im2col_times_kernel_is_the_convolution(kernel, strides, lhs_dilation, r
         want = jax.lax.conv_general_dilated(
             lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, ("NHWC", "HWIO", "NHWC")
         )
-        patches = _kernels.im2col(lhs, kernel, strides, padding, lhs_dilation, rhs_dilation)
+        patches = _products.im2col(lhs, kernel, strides, padding, lhs_dilation, rhs_dilation)
         return patches @ rhs.reshape(-1, 4), want
 
     _assert_close(*both(lhs, rhs))
@@ -359,15 +359,15 @@ def test_no_recompilation_for_same_shapes():
     shape=st.tuples(st.integers(1, 5000), st.integers(1, 5000)),
 )
 def test_rule_is_dense_at_high_density_or_tiny_layers(density, rows, shape):
-    fmt = _kernels.choose(density, rows, shape)
-    assert fmt in _kernels.FORMATS and fmt != "bcoo"
-    if density > max(_kernels.ELL_MAX_DENSITY, _kernels.BCSR_MAX_DENSITY):
+    fmt = _layouts.choose(density, rows, shape)
+    assert fmt in _layouts.FORMATS and fmt != "bcoo"
+    if density > max(_layouts.ELL_MAX_DENSITY, _layouts.BCSR_MAX_DENSITY):
         assert fmt == "dense"
-    if shape[0] * shape[1] < _kernels.MIN_SPARSE_SIZE:
+    if shape[0] * shape[1] < _layouts.MIN_SPARSE_SIZE:
         assert fmt == "dense"
     if fmt == "ell":
         assert rows == 1
-    if rows < _kernels.SMALL_BATCH_ROWS and shape[0] * shape[1] < _kernels.LARGE_LAYER_SIZE:
+    if rows < _layouts.SMALL_BATCH_ROWS and shape[0] * shape[1] < _layouts.LARGE_LAYER_SIZE:
         assert fmt == "dense"  # small networks at small batch are dispatch-bound
 
 
@@ -391,15 +391,15 @@ def test_auto_plan_picks_dense_when_dense_and_sparse_when_sparse():
 
 def test_small_batch_plan_is_all_sparse_or_keeps_small_layers_dense():
     lenet = {"fc1": (0.08, 1, (784, 300)), "fc2": (0.09, 1, (300, 100)), "fc3": (0.1, 1, (100, 10))}
-    assert set(_kernels.choose_plan(lenet).values()) == {"bcsr"}
+    assert set(_layouts.choose_plan(lenet).values()) == {"bcsr"}
     lenet["fc3"] = (0.266, 1, (100, 10))  # Han et al. 2015, Table 2: fc3 keeps 26.6%
-    assert set(_kernels.choose_plan(lenet).values()) == {"dense"}
+    assert set(_layouts.choose_plan(lenet).values()) == {"dense"}
     lenet = {path: (d, 64, shape) for path, (d, _, shape) in lenet.items()}
-    assert _kernels.choose_plan(lenet) == {"fc1": "bcsr", "fc2": "bcsr", "fc3": "dense"}
+    assert _layouts.choose_plan(lenet) == {"fc1": "bcsr", "fc2": "bcsr", "fc3": "dense"}
     wide = {"w": (0.11, 1, (4096, 4096))}  # a large layer keeps its own rule at batch 1
-    assert _kernels.choose_plan(wide) == {"w": "ell"}
+    assert _layouts.choose_plan(wide) == {"w": "ell"}
     wide = {"w": (0.2, 1, (4096, 4096)), "fc": (0.05, 1, (784, 300))}
-    assert _kernels.choose_plan(wide) == {"w": "dense", "fc": "dense"}
+    assert _layouts.choose_plan(wide) == {"w": "dense", "fc": "dense"}
 
 
 def test_every_layout_computes_the_product():
@@ -407,9 +407,9 @@ def test_every_layout_computes_the_product():
     w = rng.standard_normal((40, 30)).astype(np.float32) * (rng.random((40, 30)) < 0.2)
     rows, cols = np.nonzero(w)
     x = jnp.asarray(rng.standard_normal((5, 40)).astype(np.float32))
-    for fmt in _kernels.FORMATS:
-        layout = _kernels.build(fmt, rows, cols, w[rows, cols], w.shape)
-        _assert_close(jax.jit(lambda lay, v, f=fmt: _kernels.matmul(f, lay, v))(layout, x), x @ w)
+    for fmt in _layouts.FORMATS:
+        layout = _layouts.build(fmt, rows, cols, w[rows, cols], w.shape)
+        _assert_close(jax.jit(lambda lay, v, f=fmt: _layouts.matmul(f, lay, v))(layout, x), x @ w)
 
 
 class WideConv(nn.Module):
@@ -426,7 +426,7 @@ def test_auto_rule_keeps_convolutions_dense():
     apply = sparse_apply(model, to_bcoo(params, masks))
     x = jnp.ones((1, 8, 8, 64))
     # 64 rows at 5% would pick BCSR for a Dense layer of this size (see the rule just below).
-    assert _kernels.choose(0.05, 64, (576, 64)) == "bcsr"
+    assert _layouts.choose(0.05, 64, (576, 64)) == "bcsr"
     assert apply.plan(x)["Conv_0/kernel"] == "dense"
     _assert_close(apply(x), model.apply({"params": _masked(params, masks)}, x))
 
