@@ -8,7 +8,6 @@ each (rule, calibration or forced), builds the layouts it lacks and compiles.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -157,62 +156,34 @@ class SparseApply:
         return self._layouts[key]
 
     def _calibrated(self, call: Call) -> str:
-        """The format measured fastest for one product; a sparse one must beat dense by 10%."""
+        """The format measured fastest for one product (``_layouts.calibrated``)."""
         entries = self._kernels[call.path]
         if jnp.issubdtype(call.lhs.dtype, jnp.integer):  # token ids of a lookup
             lhs = jax.random.randint(jax.random.key(0), call.lhs.shape, 0, entries.shape[-2])
         else:
             lhs = jax.random.normal(jax.random.key(0), call.lhs.shape, call.lhs.dtype)
         times = {}
-        for fmt in _layouts.FORMATS:
-            if _temporary_size(fmt, entries, call) > 2**26:
-                continue  # the gather temporary would take gigabytes
+        for fmt in _layouts.calibration_candidates(entries, call.rows, call.contract):
             layout = self._layout(call, fmt)
             if call.path in self._stacked:
                 layout = jax.tree.map(lambda a: a[0], layout)
             times[fmt] = _median_time(jax.jit(functools.partial(call.run, fmt)), layout, lhs)
-        best = min(times, key=times.__getitem__)
-        return best if times[best] < 0.9 * times["dense"] else "dense"
+        return _layouts.calibrated(times)
 
     def _rule(self, calls: dict[tuple[str, str], Call]) -> dict[tuple[str, str], str]:
         """The automatic choice: ``_layouts.choose_plan`` on each product's 2-D view."""
-        products = {
-            key: (
-                self._kernels[key[0]].density,
-                call.rows,
-                self._kernels[key[0]].matrix(call.contract),
-            )
-            for key, call in calls.items()
-            if call.use not in ("lookup", "conv")
-        }
-        # choose_plan runs a model's small layers sparse at small batch only when all of its
-        # products can go sparse; convolutions, lookups and small stacked layers stay dense, and
-        # one dense product among sparse ones costs more than it saves (the ResNet example's
-        # 320-weight head in BCSR: 115 vs 109 us at batch 1), so then each layer is on its own.
-        stays_dense = any(
-            call.use in ("lookup", "conv") or call.path in self._stacked for call in calls.values()
-        )
-        if stays_dense:
-            rule = {key: _layouts.choose(*spec) for key, spec in products.items()}
-        else:
-            rule = _layouts.choose_plan(products)
-        # The rule keeps convolutions dense: XLA's native convolution beat patches times a sparse
-        # matrix on LeNet-5 (batch 1: 1.55x slower with conv2 in BCSR). 'calibrate' still tries.
-        rule.update({key: "dense" for key, call in calls.items() if call.use == "conv"})
-        rule.update(
-            {key: _layouts.LOOKUP_FORMAT for key, call in calls.items() if call.use == "lookup"}
-        )
-        # Inside a scan each slice's layout is picked by a dynamic index: small stacked layers in
-        # BCSR made the nnx.scan Transformer of examples/transformer.py 1.8x slower than dense
-        # at batch 1 (122 vs 69 us, 8% kept), so they stay dense; large ones follow the rule.
-        rule.update(
+        return _layouts.choose_plan(
             {
-                key: "dense"
-                for key, (_, _, shape) in products.items()
-                if key[0] in self._stacked and math.prod(shape) < _layouts.LARGE_LAYER_SIZE
+                key: _layouts.Product(
+                    self._kernels[call.path].density,
+                    call.rows,
+                    self._kernels[call.path].matrix(call.contract),
+                    call.use if call.use in ("conv", "lookup") else "matmul",
+                    call.path in self._stacked,
+                )
+                for key, call in calls.items()
             }
         )
-        return rule
 
     def _prepare(self, key: tuple) -> _Prepared:
         calls = self._calls(jax.ShapeDtypeStruct(*key))
@@ -279,13 +250,3 @@ def _layout_key(call: Call, fmt: str) -> tuple[str, tuple[int, ...], str]:
     # A lookup's gather layout is the one of the table's transpose: a padded row per token.
     contract = (1,) if call.use == "lookup" and fmt == "ell" else call.contract
     return (call.path, contract, fmt)
-
-
-def _temporary_size(fmt: str, entries: _layouts.Entries, call: Call) -> int:
-    """Elements of the gather temporary of ``bcoo`` (kept x rows) or ``ell`` (N x width x rows)."""
-    if fmt == "bcoo":
-        return entries.vals.size * call.rows
-    if fmt != "ell":
-        return 0
-    _, cols, _, (_, n_out) = entries.view(call.contract)
-    return n_out * int(np.bincount(cols, minlength=n_out).max(initial=1)) * call.rows

@@ -1,4 +1,8 @@
-"""Weight layouts for ``x @ W`` with a pruned ``W``, and the rule that picks one per layer.
+"""Weight layouts for ``x @ W`` with a pruned ``W``, and the whole policy that picks one per product.
+
+The rule (``formats='auto'``) is :func:`choose_plan`; the calibration (``formats='calibrate'``)
+times :func:`calibration_candidates` and keeps :func:`calibrated`'s pick. Every threshold lives
+here, beside the measurement it comes from.
 
 Every layout is built once, on the host, from the kept entries of a 2-D matrix ``W`` of shape
 ``(K, N)`` (``K`` inputs, ``N`` outputs) and is a dict of arrays, so it can be a ``jax.jit``
@@ -49,6 +53,10 @@ MIN_SPARSE_SIZE = 4096  # tinier layers cost less than the bookkeeping either wa
 # layout's gather and scatter took 1.2-1.4x (1 and 64 tokens) and 2-3.9x (1024 tokens) the time
 # of a dense take on 32000x512 tables at 3% and 10% kept and a 1000x64 one at 30% (2 cores).
 LOOKUP_FORMAT = "dense"
+# formats='calibrate' keeps a sparse format only if it beats dense by 10% (timings drift that much
+# on shared cores), and skips layouts whose gather temporary exceeds 2**26 elements (256 MiB).
+CALIBRATION_MARGIN = 0.9
+MAX_TEMPORARY = 1 << 26
 
 K = TypeVar("K")  # a product's key in choose_plan: a path, or (path, use)
 
@@ -209,17 +217,23 @@ def lookup(fmt: str, layout: Layout, ids: jax.Array, n_out: int) -> jax.Array:
     return matmul(fmt, layout, one_hot).reshape(*ids.shape, -1)
 
 
-def nbytes(layout: Layout) -> int:
-    """Bytes held by a layout's arrays."""
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(layout))
+class Product(NamedTuple):
+    """What the rule knows of one product ``x2d @ W2d``: enough to choose its layout."""
+
+    density: float  # kept fraction of the kernel
+    rows: int  # rows of x2d: the batch, times a sequence's positions or a conv's outputs
+    shape: tuple[int, int]  # (K, N) of W2d
+    use: str = "matmul"  # 'matmul', 'conv' (patches times the kernel) or 'lookup'
+    stacked: bool = False  # one slice of a scan-stacked kernel, picked by a dynamic index
 
 
-def choose(density: float, rows: int, shape: tuple[int, int]) -> str:
-    """The default per-layer rule: the layout expected fastest for ``rows`` inputs at ``density``.
+def choose(product: Product) -> str:
+    """The default rule for one matrix product: the layout expected fastest for it.
 
     Dense whenever in doubt (high density, tiny layers, very large batches), so that the sparse
     path is never slower than the dense one.
     """
+    density, rows, shape = product.density, product.rows, product.shape
     size = math.prod(shape)
     if size < MIN_SPARSE_SIZE:
         return "dense"
@@ -234,20 +248,64 @@ def choose(density: float, rows: int, shape: tuple[int, int]) -> str:
     return "dense"
 
 
-def choose_plan(layers: dict[K, tuple[float, int, tuple[int, int]]]) -> dict[K, str]:
-    """The default rule for a whole model: ``{path: (density, rows, shape)}`` to ``{path: format}``.
+def choose_plan(products: dict[K, Product]) -> dict[K, str]:
+    """The default rule for a whole model: ``{key: Product}`` to ``{key: format}``.
 
-    Per layer :func:`choose`, except below ``SMALL_BATCH_ROWS`` rows: there, in a network whose
-    kernels are all at most ``BCSR_MAX_DENSITY`` dense, the layers under ``LARGE_LAYER_SIZE`` run
-    BCSR too (LeNet-300-100 at batch 1 and 1-10% density: 0.4-0.8x dense, where one dense layer
-    among sparse ones made the pass slower than all-dense).
+    Per product :func:`choose`, with these exceptions:
+
+    - Convolutions stay dense: XLA's own convolution beat patches times a sparse matrix on
+      LeNet-5 (batch 1: 1.55x slower with conv2 in BCSR).
+    - Embedding lookups use ``LOOKUP_FORMAT``.
+    - Stacked slices under ``LARGE_LAYER_SIZE`` stay dense: inside a scan each slice's layout is
+      picked by a dynamic index, and small stacked layers in BCSR made the ``nnx.scan``
+      Transformer of ``examples/transformer.py`` 1.8x slower than dense at batch 1 (122 vs
+      69 us, 8% kept).
+    - Below ``SMALL_BATCH_ROWS`` rows, in a model whose products are all matrix products of
+      unstacked kernels at most ``BCSR_MAX_DENSITY`` dense, the layers under ``LARGE_LAYER_SIZE``
+      run BCSR too (LeNet-300-100 at batch 1 and 1-10% density: 0.4-0.8x dense, where one dense
+      layer among sparse ones made the pass slower than all-dense). A model with a convolution,
+      a lookup or a stacked layer keeps those dense anyway, and one dense product among sparse
+      ones costs more than it saves (the ResNet example's 320-weight head in BCSR: 115 vs
+      109 us at batch 1), so there each layer is on its own.
     """
-    plan = {path: choose(*spec) for path, spec in layers.items()}
+    plan = {key: choose(product) for key, product in products.items()}
+    for key, product in products.items():
+        if product.use == "conv":
+            plan[key] = "dense"
+        elif product.use == "lookup":
+            plan[key] = LOOKUP_FORMAT
+        elif product.stacked and math.prod(product.shape) < LARGE_LAYER_SIZE:
+            plan[key] = "dense"
+    if any(p.use != "matmul" or p.stacked for p in products.values()):
+        return plan
     small = [
-        path
-        for path, (_, rows, shape) in layers.items()
-        if rows < SMALL_BATCH_ROWS and math.prod(shape) < LARGE_LAYER_SIZE
+        key
+        for key, p in products.items()
+        if p.rows < SMALL_BATCH_ROWS and math.prod(p.shape) < LARGE_LAYER_SIZE
     ]
-    if small and all(density <= BCSR_MAX_DENSITY for density, _, _ in layers.values()):
-        plan.update({path: "bcsr" for path in small if plan[path] == "dense"})
+    if small and all(p.density <= BCSR_MAX_DENSITY for p in products.values()):
+        plan.update({key: "bcsr" for key in small if plan[key] == "dense"})
     return plan
+
+
+def temporary_size(fmt: str, entries: Entries, rows: int, contract: tuple[int, ...]) -> int:
+    """Elements of the gather temporary of ``bcoo`` (kept x rows) or ``ell`` (N x width x rows)."""
+    if fmt == "bcoo":
+        return entries.vals.size * rows
+    if fmt != "ell":
+        return 0
+    _, cols, _, (_, n_out) = entries.view(contract)
+    return n_out * int(np.bincount(cols, minlength=n_out).max(initial=1)) * rows
+
+
+def calibration_candidates(entries: Entries, rows: int, contract: tuple[int, ...]) -> list[str]:
+    """The formats ``formats='calibrate'`` times for a product: all but those whose gather
+    temporary would exceed ``MAX_TEMPORARY`` elements."""
+    return [f for f in FORMATS if temporary_size(f, entries, rows, contract) <= MAX_TEMPORARY]
+
+
+def calibrated(times: dict[str, float]) -> str:
+    """The calibration's pick from measured times: the fastest, if a sparse format, only when it
+    beats dense by ``CALIBRATION_MARGIN``."""
+    best = min(times, key=times.__getitem__)
+    return best if times[best] < CALIBRATION_MARGIN * times["dense"] else "dense"

@@ -225,17 +225,14 @@ def sparse_apply(
     The layout of each product is chosen per input shape, since the batch size is known when the
     pass is traced:
 
-    - ``formats='auto'`` (default): a fixed rule measured on CPU (``jaxprune._layouts.choose`` and
-      ``choose_plan``, on each product's 2-D view). Up to 12% density: a single row on a layer of
-      at least 2**20 weights uses the row-padded gather layout, up to 256 rows transposed BCSR
-      (below 8 rows only if every kernel of the model is that sparse, else smaller layers stay
-      dense: mixing costs more than it saves there); beyond 256 rows BCSR only up to 3% density.
-      Dense otherwise and for tiny layers. Rows are the batch (times the positions of a sequence
-      or a convolution's output). Convolutions stay dense under this rule (XLA's own convolution
-      was faster at the densities tried), and so do embedding lookups (a dense ``take`` beat the
-      row-padded gather in every case measured; ``jaxprune._layouts.LOOKUP_FORMAT``).
-    - ``formats='calibrate'``: times every layout on each product's real shapes at the first call
-      for a shape and keeps the fastest (a sparse one only if at least 10% faster than dense).
+    - ``formats='auto'`` (default): a fixed rule measured on CPU, from each product's density,
+      rows (the batch, times a sequence's positions or a convolution's outputs) and 2-D shape:
+      sparse layouts where they were measured faster, dense whenever in doubt (high density,
+      tiny layers, large batches, convolutions, embedding lookups). The rule and the figures
+      behind each threshold are in ``jaxprune._layouts.choose_plan``.
+    - ``formats='calibrate'``: times the layouts on each product's real shapes at the first call
+      for a shape and keeps the fastest, a sparse one only by a margin over dense
+      (``jaxprune._layouts.calibrated``).
     - a format name (``'dense'``, ``'bcoo'``, ``'bcsr'``, ``'ell'``) for every kernel, or a
       mapping from kernel path to format (unlisted kernels use the rule). For a lookup, ``'ell'``
       gathers the padded rows of the table and ``'bcoo'``/``'bcsr'`` multiply one-hot rows.

@@ -359,7 +359,7 @@ def test_no_recompilation_for_same_shapes():
     shape=st.tuples(st.integers(1, 5000), st.integers(1, 5000)),
 )
 def test_rule_is_dense_at_high_density_or_tiny_layers(density, rows, shape):
-    fmt = _layouts.choose(density, rows, shape)
+    fmt = _layouts.choose(_layouts.Product(density, rows, shape))
     assert fmt in _layouts.FORMATS and fmt != "bcoo"
     if density > max(_layouts.ELL_MAX_DENSITY, _layouts.BCSR_MAX_DENSITY):
         assert fmt == "dense"
@@ -390,16 +390,27 @@ def test_auto_plan_picks_dense_when_dense_and_sparse_when_sparse():
 
 
 def test_small_batch_plan_is_all_sparse_or_keeps_small_layers_dense():
-    lenet = {"fc1": (0.08, 1, (784, 300)), "fc2": (0.09, 1, (300, 100)), "fc3": (0.1, 1, (100, 10))}
+    P = _layouts.Product
+    lenet = {
+        "fc1": P(0.08, 1, (784, 300)),
+        "fc2": P(0.09, 1, (300, 100)),
+        "fc3": P(0.1, 1, (100, 10)),
+    }
     assert set(_layouts.choose_plan(lenet).values()) == {"bcsr"}
-    lenet["fc3"] = (0.266, 1, (100, 10))  # Han et al. 2015, Table 2: fc3 keeps 26.6%
+    lenet["fc3"] = P(0.266, 1, (100, 10))  # Han et al. 2015, Table 2: fc3 keeps 26.6%
     assert set(_layouts.choose_plan(lenet).values()) == {"dense"}
-    lenet = {path: (d, 64, shape) for path, (d, _, shape) in lenet.items()}
+    lenet = {path: p._replace(rows=64) for path, p in lenet.items()}
     assert _layouts.choose_plan(lenet) == {"fc1": "bcsr", "fc2": "bcsr", "fc3": "dense"}
-    wide = {"w": (0.11, 1, (4096, 4096))}  # a large layer keeps its own rule at batch 1
+    wide = {"w": P(0.11, 1, (4096, 4096))}  # a large layer keeps its own rule at batch 1
     assert _layouts.choose_plan(wide) == {"w": "ell"}
-    wide = {"w": (0.2, 1, (4096, 4096)), "fc": (0.05, 1, (784, 300))}
+    wide = {"w": P(0.2, 1, (4096, 4096)), "fc": P(0.05, 1, (784, 300))}
     assert _layouts.choose_plan(wide) == {"w": "dense", "fc": "dense"}
+    # A convolution, a lookup or a stacked slice stays dense (small stacked ones), and the model's
+    # small layers then keep their own rule.
+    mixed = {"conv": P(0.05, 1, (576, 64), "conv"), "fc": P(0.05, 1, (784, 300))}
+    assert _layouts.choose_plan(mixed) == {"conv": "dense", "fc": "dense"}
+    stacked = {"blocks": P(0.05, 64, (512, 512), stacked=True), "fc": P(0.05, 64, (784, 300))}
+    assert _layouts.choose_plan(stacked) == {"blocks": "dense", "fc": "bcsr"}
 
 
 def test_every_layout_computes_the_product():
@@ -426,7 +437,7 @@ def test_auto_rule_keeps_convolutions_dense():
     apply = sparse_apply(model, to_bcoo(params, masks))
     x = jnp.ones((1, 8, 8, 64))
     # 64 rows at 5% would pick BCSR for a Dense layer of this size (see the rule just below).
-    assert _layouts.choose(0.05, 64, (576, 64)) == "bcsr"
+    assert _layouts.choose(_layouts.Product(0.05, 64, (576, 64))) == "bcsr"
     assert apply.plan(x)["Conv_0/kernel"] == "dense"
     _assert_close(apply(x), model.apply({"params": _masked(params, masks)}, x))
 
