@@ -94,7 +94,6 @@ class SparseApply:
         ]
         self._layouts: dict[tuple[str, tuple, str], Any] = {}
         self._prepared: dict[tuple, _Prepared] = {}
-        self.traces = 0  # how often the forward pass was traced (compiled); for tests
 
     def _tree(self, leaves: list) -> PyTree:
         # Flax reads a kernel of the pruned shape; the hooks ignore it, so XLA drops these zeros.
@@ -105,7 +104,6 @@ class SparseApply:
         return jax.tree_util.tree_unflatten(self._treedef, full)
 
     def _forward(self, plan, layout_def, leaves, layout_leaves, x):
-        self.traces += 1
         layouts = layout_def.unflatten(layout_leaves)
 
         def step_for(path: str) -> Callable:
@@ -180,6 +178,7 @@ class SparseApply:
                     self._kernels[call.path].matrix(call.contract),
                     call.use if call.use in ("conv", "lookup") else "matmul",
                     call.path in self._stacked,
+                    _compute_dtype(call, self._kernels[call.path]),
                 )
                 for key, call in calls.items()
             }
@@ -225,7 +224,7 @@ class SparseApply:
 
         Returns:
           A dict from kernel path (e.g. ``'Dense_0/kernel'``) to one of ``'dense'``, ``'bcoo'``,
-          ``'bcsr'``, ``'ell'``. A kernel with several uses (an embedding table looked up and
+          ``'bcsr'``, ``'ell'``, ``'csr'``. A kernel with several uses (an embedding table looked up and
           attended to as a tied output head) has one entry per use: ``'embed/embedding
           (lookup)'``, ``'embed/embedding (axes 1)'`` (the kernel axes a product contracts).
         """
@@ -250,3 +249,11 @@ def _layout_key(call: Call, fmt: str) -> tuple[str, tuple[int, ...], str]:
     # A lookup's gather layout is the one of the table's transpose: a padded row per token.
     contract = (1,) if call.use == "lookup" and fmt == "ell" else call.contract
     return (call.path, contract, fmt)
+
+
+def _compute_dtype(call: Call, entries: _layouts.Entries) -> str:
+    """The dtype a product computes in, as Flax's layers do by default: the input's and the
+    kernel's promoted (a lookup's is the table's)."""
+    if call.use == "lookup":
+        return str(entries.vals.dtype)
+    return str(jnp.result_type(call.lhs.dtype, entries.vals.dtype))

@@ -13,6 +13,9 @@ argument. :func:`matmul` computes ``x @ W`` for ``x`` of shape ``(rows, K)`` in 
   ``nse x rows`` temporary. Kept as a reference; it rarely wins on CPU.
 - ``'bcsr'``: ``BCSR`` of ``W.T``, run as ``(W.T @ x.T).T``, the only orientation with a native
   fast path; the batch is padded to a multiple of 8 since fewer rows take a much slower route.
+- ``'csr'``: CSR of ``W.T`` run by jaxprune's native kernel (:mod:`jaxprune._native`, an XLA
+  FFI call): each kept weight is read once, with no temporary and no padded batch; the fastest
+  layout at small batch. Only where the kernel could be built (:func:`jaxprune._native.available`).
 - ``'ell'``: row-padded gather layout of ``W.T`` (ELLPACK): for each output ``j`` the input indices
   (int16 when ``K`` allows) and values of its kept weights, padded to the longest column with
   weight 0. ``x @ W`` is then one gather and one reduction, with no scatter, which streams the
@@ -29,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
+from jaxprune import _native
+
 Layout = dict[str, Any]
 
-FORMATS = ("dense", "bcoo", "bcsr", "ell")
-SPARSE_FORMATS = ("bcoo", "bcsr", "ell")
+FORMATS = ("dense", "bcoo", "bcsr", "ell", "csr")
+SPARSE_FORMATS = ("bcoo", "bcsr", "ell", "csr")
 
 # Thresholds of the default rule, measured on a 2-core CPU with benchmarks/sparse_inference.py
 # (LeNet-300-100 and a 4096x4096 layer at 1-20% density, batch 1/64/1024; figures in its docstring).
@@ -48,6 +53,13 @@ ELL_MAX_DENSITY = 0.12
 BCSR_MAX_ROWS = 256
 BCSR_MAX_DENSITY = 0.12
 BCSR_LARGE_BATCH_MAX_DENSITY = 0.03
+# Where the native CSR kernel can run (float32 inputs; _native.available()), it wins at small
+# batch: per layer 0.13-0.7x dense at 1 and 8 rows on 784x300 to 4096x4096 layers at 5-20%
+# density (BCSR 0.16-2.9x, the gather layout 0.46-2.6x there), 0.65-0.98x at 35%; from 64 rows
+# BCSR beats it (0.29-0.76x against 0.49-0.98x at 5-10%). Measured one layer at a time,
+# interleaved, 2 quiet cores (others 0.00-0.06), jax 0.10.2.
+CSR_MAX_ROWS = 8
+CSR_MAX_DENSITY = 0.2
 MIN_SPARSE_SIZE = 4096  # tinier layers cost less than the bookkeeping either way: keep them dense
 # An embedding lookup reads only the rows it needs, so a dense table is hard to beat: the gather
 # layout's gather and scatter took 1.2-1.4x (1 and 64 tokens) and 2-3.9x (1024 tokens) the time
@@ -127,6 +139,8 @@ def build(
         rows = np.concatenate([rows, np.full(pad, k_in - 1, rows.dtype)])
         cols = np.concatenate([cols, np.full(pad, n_out - 1, cols.dtype)])
         vals = np.concatenate([vals, np.zeros(pad, vals.dtype)])
+    if fmt == "csr":
+        return _native.build(rows, cols, vals, shape, size=size)
     if fmt == "bcoo":
         idx = np.stack([rows, cols], axis=1).astype(np.int32)
         return {"w": jsparse.BCOO((jnp.asarray(vals), jnp.asarray(idx)), shape=shape)}
@@ -154,7 +168,8 @@ def build(
 
 
 def layout_size(fmt: str, cols: np.ndarray, n_out: int) -> int:
-    """The size :func:`build` pads to: kept count (``bcoo``, ``bcsr``), longest column (``ell``)."""
+    """The size :func:`build` pads to: kept count (``bcoo``, ``bcsr``, ``csr``), longest column
+    (``ell``)."""
     if fmt == "ell":
         return max(int(np.bincount(cols, minlength=n_out).max(initial=0)), 1)
     return cols.size
@@ -186,6 +201,11 @@ def matmul(fmt: str, layout: Layout, x: jax.Array) -> jax.Array:
         n_rows = x.shape[0]
         padded = jnp.pad(x, ((0, -n_rows % 8), (0, 0)))
         return (wt @ padded.T).T[:n_rows]
+    if fmt == "csr":
+        # The kernel reads float32; half-precision inputs round-trip exactly through it.
+        if x.dtype in (jnp.bfloat16, jnp.float16):
+            return _native.csr_matmul(layout, x.astype(jnp.float32)).astype(x.dtype)
+        return _native.csr_matmul(layout, x)
     if fmt == "ell":
         # Indices are in range by construction; skipping the bounds handling is measurably faster.
         gathered = x.at[:, layout["idx"]].get(mode="promise_in_bounds")  # (rows, N, width)
@@ -198,7 +218,7 @@ def lookup(fmt: str, layout: Layout, ids: jax.Array, n_out: int) -> jax.Array:
 
     ``'dense'`` takes the rows; ``'ell'`` expects the gather layout of ``W.T`` (one padded row of
     column indices and values per row of ``W``) and scatters the gathered rows; ``'bcoo'`` and
-    ``'bcsr'`` multiply the one-hot rows. Dense won every case measured
+    ``'bcsr'`` and ``'csr'`` multiply the one-hot rows. Dense won every case measured
     (see ``LOOKUP_FORMAT``).
     """
     if fmt == "dense":
@@ -211,9 +231,12 @@ def lookup(fmt: str, layout: Layout, ids: jax.Array, n_out: int) -> jax.Array:
             flat_val, mode="promise_in_bounds"
         )
         return out.reshape(*ids.shape, n_out)
-    w = layout["w"] if fmt == "bcoo" else layout["wt"]
-    k_in = w.shape[0] if fmt == "bcoo" else w.shape[1]
-    one_hot = jax.nn.one_hot(ids.reshape(-1), k_in, dtype=w.dtype)
+    if fmt == "csr":
+        k_in, dtype = layout["k"].shape[0], layout["val"].dtype
+    else:
+        w = layout["w"] if fmt == "bcoo" else layout["wt"]
+        k_in, dtype = (w.shape[0] if fmt == "bcoo" else w.shape[1]), w.dtype
+    one_hot = jax.nn.one_hot(ids.reshape(-1), k_in, dtype=dtype)
     return matmul(fmt, layout, one_hot).reshape(*ids.shape, -1)
 
 
@@ -225,6 +248,12 @@ class Product(NamedTuple):
     shape: tuple[int, int]  # (K, N) of W2d
     use: str = "matmul"  # 'matmul', 'conv' (patches times the kernel) or 'lookup'
     stacked: bool = False  # one slice of a scan-stacked kernel, picked by a dynamic index
+    dtype: str = "float32"  # of x2d; the native kernel runs float32
+
+
+def _native_for(product: Product) -> bool:
+    """Whether the native CSR kernel may run this product (builds it on the first call)."""
+    return product.dtype == "float32" and _native.available()
 
 
 def choose(product: Product) -> str:
@@ -237,6 +266,8 @@ def choose(product: Product) -> str:
     size = math.prod(shape)
     if size < MIN_SPARSE_SIZE:
         return "dense"
+    if rows <= CSR_MAX_ROWS and density <= CSR_MAX_DENSITY and _native_for(product):
+        return "csr"
     if rows < SMALL_BATCH_ROWS and size < LARGE_LAYER_SIZE:
         return "dense"
     if rows == 1:
@@ -251,7 +282,8 @@ def choose(product: Product) -> str:
 def choose_plan(products: dict[K, Product]) -> dict[K, str]:
     """The default rule for a whole model: ``{key: Product}`` to ``{key: format}``.
 
-    Per product :func:`choose`, with these exceptions:
+    Per product :func:`choose` (which takes the native ``'csr'`` kernel at small batch where it
+    can run, else XLA's layouts), with these exceptions:
 
     - Convolutions stay dense: XLA's own convolution beat patches times a sparse matrix on
       LeNet-5 (batch 1: 1.55x slower with conv2 in BCSR).
@@ -262,8 +294,9 @@ def choose_plan(products: dict[K, Product]) -> dict[K, str]:
       69 us, 8% kept).
     - Below ``SMALL_BATCH_ROWS`` rows, in a model whose products are all matrix products of
       unstacked kernels at most ``BCSR_MAX_DENSITY`` dense, the layers under ``LARGE_LAYER_SIZE``
-      run BCSR too (LeNet-300-100 at batch 1 and 1-10% density: 0.4-0.8x dense, where one dense
-      layer among sparse ones made the pass slower than all-dense). A model with a convolution,
+      run sparse too, in ``'csr'`` where it can run, else BCSR (LeNet-300-100 at batch 1 and
+      1-10% density in BCSR: 0.4-0.8x dense, where one dense layer among sparse ones made the
+      pass slower than all-dense). A model with a convolution,
       a lookup or a stacked layer keeps those dense anyway, and one dense product among sparse
       ones costs more than it saves (the ResNet example's 320-weight head in BCSR: 115 vs
       109 us at batch 1), so there each layer is on its own.
@@ -283,8 +316,12 @@ def choose_plan(products: dict[K, Product]) -> dict[K, str]:
         for key, p in products.items()
         if p.rows < SMALL_BATCH_ROWS and math.prod(p.shape) < LARGE_LAYER_SIZE
     ]
-    if small and all(p.density <= BCSR_MAX_DENSITY for p in products.values()):
-        plan.update({key: "bcsr" for key in small if plan[key] == "dense"})
+    if not small:
+        return plan
+    native = all(p.rows <= CSR_MAX_ROWS and _native_for(p) for p in products.values())
+    fmt, max_density = ("csr", CSR_MAX_DENSITY) if native else ("bcsr", BCSR_MAX_DENSITY)
+    if all(p.density <= max_density for p in products.values()):
+        plan.update({key: fmt for key in small if plan[key] == "dense"})
     return plan
 
 
@@ -300,8 +337,14 @@ def temporary_size(fmt: str, entries: Entries, rows: int, contract: tuple[int, .
 
 def calibration_candidates(entries: Entries, rows: int, contract: tuple[int, ...]) -> list[str]:
     """The formats ``formats='calibrate'`` times for a product: all but those whose gather
-    temporary would exceed ``MAX_TEMPORARY`` elements."""
-    return [f for f in FORMATS if temporary_size(f, entries, rows, contract) <= MAX_TEMPORARY]
+    temporary would exceed ``MAX_TEMPORARY`` elements, and ``'csr'`` where the native kernel
+    cannot run."""
+    return [
+        f
+        for f in FORMATS
+        if temporary_size(f, entries, rows, contract) <= MAX_TEMPORARY
+        and (f != "csr" or _native.available())
+    ]
 
 
 def calibrated(times: dict[str, float]) -> str:

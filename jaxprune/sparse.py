@@ -9,7 +9,8 @@ its pruned weights (Dense/DenseGeneral, Einsum, Conv kernels and Embed tables, s
 included), through the hooks of :mod:`jaxprune._hooks`. Every product runs as ``x2d @ W2d`` on a
 2-D view of the kernel (:mod:`jaxprune._products`); a convolution as its patches times the kernel
 reshaped to ``(kh * kw * cin, cout)``. For each product and input shape, the weights are held in
-the layout (dense, BCOO, BCSR or a row-padded gather layout, see :mod:`jaxprune._layouts`)
+the layout (dense, BCOO, BCSR, a row-padded gather layout, or CSR run by jaxprune's native
+kernel where a C++ compiler built it; see :mod:`jaxprune._layouts`)
 expected to be fastest; dense whenever in doubt (:mod:`jaxprune._apply`).
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental.sparse import BCOO
 
-from jaxprune import _layouts
+from jaxprune import _layouts, _native
 from jaxprune._apply import FormatSpec, SparseApply
 from jaxprune._hooks import Kernels, bcoo_paths, is_bcoo, linen_runner, nnx_runner
 from jaxprune._tree import (
@@ -164,6 +165,7 @@ def _check_formats(formats: Any, kernels: Mapping[str, _layouts.Entries]) -> Non
     if isinstance(formats, str):
         if formats not in choices:
             raise ValueError(f"formats={formats!r} is not one of {choices}.")
+        _check_native(formats, "formats")
         return
     if not isinstance(formats, Mapping):
         raise TypeError(
@@ -177,6 +179,15 @@ def _check_formats(formats: Any, kernels: Mapping[str, _layouts.Entries]) -> Non
             )
         if fmt not in _layouts.FORMATS:
             raise ValueError(f"formats[{path!r}] = {fmt!r} is not one of {_layouts.FORMATS}.")
+        _check_native(fmt, f"formats[{path!r}]")
+
+
+def _check_native(fmt: str, name: str) -> None:
+    if fmt == "csr" and (why := _native.why_unavailable()):
+        raise ValueError(
+            f"{name} = 'csr' needs jaxprune's native CSR kernel, which is not available here: "
+            f"{why}. Use 'auto' (XLA's layouts only, then) or another format."
+        )
 
 
 def _stacked_kernels(exported: PyTree, stacked: Stacked | None) -> frozenset[str]:
@@ -233,9 +244,17 @@ def sparse_apply(
     - ``formats='calibrate'``: times the layouts on each product's real shapes at the first call
       for a shape and keeps the fastest, a sparse one only by a margin over dense
       (``jaxprune._layouts.calibrated``).
-    - a format name (``'dense'``, ``'bcoo'``, ``'bcsr'``, ``'ell'``) for every kernel, or a
-      mapping from kernel path to format (unlisted kernels use the rule). For a lookup, ``'ell'``
-      gathers the padded rows of the table and ``'bcoo'``/``'bcsr'`` multiply one-hot rows.
+    - a format name (``'dense'``, ``'bcoo'``, ``'bcsr'``, ``'ell'``, ``'csr'``) for every
+      kernel, or a mapping from kernel path to format (unlisted kernels use the rule). For a
+      lookup, ``'ell'`` gathers the padded rows of the table and the others multiply one-hot rows.
+
+    ``'csr'`` is jaxprune's own CPU kernel (``jaxprune._native``, an XLA FFI call compiled from
+    C++ with the system compiler on first use and cached; float32, no gradient). Without a
+    compiler, or with ``JAXPRUNE_NATIVE=0``, the rule uses XLA's layouts only and asking for
+    ``'csr'`` raises. For latency-bound serving at batch 1, turn off JAX's asynchronous dispatch
+    before the first JAX call (``jax.config.update('jax_cpu_enable_async_dispatch', False)``):
+    each call then runs on the calling thread and returns its result, saving the hand-off to
+    another thread (``benchmarks/sparse_inference.py`` measures both modes).
 
     Scan-stacked layers (``nn.scan`` with ``variable_axes={'params': 0}``, or ``nnx.vmap``-built
     blocks run by ``nnx.scan``) export as ordinary BCOO of the whole ``(layers, ...)`` shape; say

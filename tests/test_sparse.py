@@ -7,16 +7,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import count_compiles
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.sparse import BCOO
 from zoo import NNXCNN
 
 import jaxprune
-from jaxprune import _layouts, _products
+from jaxprune import _layouts, _native, _products
 from jaxprune.sparse import sparse_apply, to_bcoo, to_dense
 
-ALL_FORMATS = ("auto", *_layouts.SPARSE_FORMATS)  # "auto" covers dense at this density
+# "auto" covers dense at this density; 'csr' only where the native kernel could be built here.
+ALL_FORMATS = ("auto", *(f for f in _layouts.SPARSE_FORMATS if f != "csr" or _native.available()))
+
+
+@pytest.fixture
+def xla_only(monkeypatch):
+    """The rule as on a machine without the native kernel (no C++ compiler)."""
+    monkeypatch.setattr(_native, "available", lambda: False)
+
+
+@pytest.fixture
+def with_native(monkeypatch):
+    """The rule as on a machine where the native kernel runs (the rule itself never calls it)."""
+    monkeypatch.setattr(_native, "available", lambda: True)
 
 
 class MLP(nn.Module):
@@ -329,24 +343,42 @@ def test_unsupported_nnx_layer_is_named_eagerly():
 def test_bad_formats_are_rejected():
     model = MLP()
     exported = to_bcoo(*_linen(model, (8,)))
-    with pytest.raises(ValueError, match="formats='csr' is not one of"):
-        sparse_apply(model, exported, formats="csr")
+    with pytest.raises(ValueError, match="formats='csc' is not one of"):
+        sparse_apply(model, exported, formats="csc")
     with pytest.raises(ValueError, match=r"formats\['Dense_9/kernel'\] names no pruned kernel"):
         sparse_apply(model, exported, formats={"Dense_9/kernel": "ell"})
     with pytest.raises(TypeError, match=r"model must be a flax\.linen Module"):
         sparse_apply(lambda x: x, exported)
 
 
+def test_asking_for_csr_without_the_native_kernel_is_refused(monkeypatch):
+    monkeypatch.setattr(_native, "why_unavailable", lambda: "no C++ compiler found")
+    model = MLP()
+    exported = to_bcoo(*_linen(model, (8,)))
+    with pytest.raises(ValueError, match=r"formats = 'csr' needs .*native.*no C\+\+ compiler"):
+        sparse_apply(model, exported, formats="csr")
+    with pytest.raises(ValueError, match=r"formats\['Dense_0/kernel'\] = 'csr' needs"):
+        sparse_apply(model, exported, formats={"Dense_0/kernel": "csr"})
+
+
 def test_no_recompilation_for_same_shapes():
     model = MLP()
     params, masks = _linen(model, (8,))
     apply = sparse_apply(model, to_bcoo(params, masks), formats="bcsr")
-    for seed in range(3):
-        apply(jax.random.normal(jax.random.key(seed), (4, 8)))
-    apply(np.ones((4, 8), np.float32))
-    assert apply.traces == 1
-    apply(jnp.ones((5, 8)))
-    assert apply.traces == 2
+    inputs = [jax.random.normal(jax.random.key(seed), (4, 8)) for seed in range(3)]
+    host, wider, wider_too = np.ones((4, 8), np.float32), jnp.ones((5, 8)), jnp.zeros((5, 8))
+    apply(inputs[0])
+    apply(host)  # the first numpy input converts (compiles a transfer) once
+    with count_compiles() as compiles:
+        for x in (*inputs[1:], host):
+            apply(x)
+    assert compiles.names == []
+    with count_compiles() as compiles:
+        apply(wider)  # a new shape compiles, then reuses its executable
+    assert compiles.names
+    with count_compiles() as compiles:
+        apply(wider_too)
+    assert compiles.names == []
 
 
 # --- automatic choice -----------------------------------------------------------------------------
@@ -359,7 +391,9 @@ def test_no_recompilation_for_same_shapes():
     shape=st.tuples(st.integers(1, 5000), st.integers(1, 5000)),
 )
 def test_rule_is_dense_at_high_density_or_tiny_layers(density, rows, shape):
-    fmt = _layouts.choose(_layouts.Product(density, rows, shape))
+    with pytest.MonkeyPatch.context() as patch:  # the rule as without the native kernel
+        patch.setattr(_native, "available", lambda: False)
+        fmt = _layouts.choose(_layouts.Product(density, rows, shape))
     assert fmt in _layouts.FORMATS and fmt != "bcoo"
     if density > max(_layouts.ELL_MAX_DENSITY, _layouts.BCSR_MAX_DENSITY):
         assert fmt == "dense"
@@ -371,7 +405,7 @@ def test_rule_is_dense_at_high_density_or_tiny_layers(density, rows, shape):
         assert fmt == "dense"  # small networks at small batch are dispatch-bound
 
 
-def test_auto_plan_picks_dense_when_dense_and_sparse_when_sparse():
+def test_auto_plan_picks_dense_when_dense_and_sparse_when_sparse(xla_only):
     model = nn.Dense(1024)
     params, _ = _linen(model, (1024,))
     dense_apply = sparse_apply(model, to_bcoo(params, _random_masks(params, keep=0.5)))
@@ -389,7 +423,7 @@ def test_auto_plan_picks_dense_when_dense_and_sparse_when_sparse():
     assert small_apply.plan(jnp.ones((64, 784))) == {"kernel": "bcsr"}
 
 
-def test_small_batch_plan_is_all_sparse_or_keeps_small_layers_dense():
+def test_small_batch_plan_is_all_sparse_or_keeps_small_layers_dense(xla_only):
     P = _layouts.Product
     lenet = {
         "fc1": P(0.08, 1, (784, 300)),
@@ -413,12 +447,51 @@ def test_small_batch_plan_is_all_sparse_or_keeps_small_layers_dense():
     assert _layouts.choose_plan(stacked) == {"blocks": "dense", "fc": "bcsr"}
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    density=st.floats(0.0, 1.0),
+    rows=st.integers(1, 10_000),
+    shape=st.tuples(st.integers(1, 5000), st.integers(1, 5000)),
+    dtype=st.sampled_from(["float32", "bfloat16", "float64"]),
+)
+def test_rule_takes_the_native_kernel_only_at_small_batch_in_float32(density, rows, shape, dtype):
+    product = _layouts.Product(density, rows, shape, dtype=dtype)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_native, "available", lambda: True)
+        fmt = _layouts.choose(product)
+        patch.setattr(_native, "available", lambda: False)
+        assert _layouts.choose(product) != "csr"
+    wants_csr = (
+        dtype == "float32"
+        and rows <= _layouts.CSR_MAX_ROWS
+        and density <= _layouts.CSR_MAX_DENSITY
+        and shape[0] * shape[1] >= _layouts.MIN_SPARSE_SIZE
+    )
+    assert (fmt == "csr") == wants_csr
+
+
+def test_native_plan_for_lenet_at_small_batch(with_native):
+    P = _layouts.Product
+    lenet = {
+        "fc1": P(0.08, 1, (784, 300)),
+        "fc2": P(0.09, 1, (300, 100)),
+        "fc3": P(0.1, 1, (100, 10)),
+    }
+    assert set(_layouts.choose_plan(lenet).values()) == {"csr"}
+    lenet["fc3"] = P(0.266, 1, (100, 10))  # Han et al. 2015, Table 2: the tiny layer stays dense
+    assert _layouts.choose_plan(lenet) == {"fc1": "csr", "fc2": "csr", "fc3": "dense"}
+    lenet = {path: p._replace(rows=64) for path, p in lenet.items()}  # BCSR's regime
+    assert _layouts.choose_plan(lenet) == {"fc1": "bcsr", "fc2": "bcsr", "fc3": "dense"}
+    conv = {"conv": P(0.05, 1, (576, 64), "conv"), "fc": P(0.05, 1, (784, 300))}
+    assert _layouts.choose_plan(conv) == {"conv": "dense", "fc": "csr"}
+
+
 def test_every_layout_computes_the_product():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((40, 30)).astype(np.float32) * (rng.random((40, 30)) < 0.2)
     rows, cols = np.nonzero(w)
     x = jnp.asarray(rng.standard_normal((5, 40)).astype(np.float32))
-    for fmt in _layouts.FORMATS:
+    for fmt in (*ALL_FORMATS[1:], "dense"):
         layout = _layouts.build(fmt, rows, cols, w[rows, cols], w.shape)
         _assert_close(jax.jit(lambda lay, v, f=fmt: _layouts.matmul(f, lay, v))(layout, x), x @ w)
 
@@ -430,7 +503,7 @@ class WideConv(nn.Module):
         return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
-def test_auto_rule_keeps_convolutions_dense():
+def test_auto_rule_keeps_convolutions_dense(xla_only):
     model = WideConv()
     params, _ = _linen(model, (8, 8, 64))
     masks = _random_masks(params, keep=0.05)
