@@ -66,14 +66,21 @@ def config_of(results: dict) -> Config:
 
 
 def baseline_config(han: Config, history: list[dict], kind: str) -> Config:
-    """Han's config with each round pruned to Han's kept fractions: ``kind`` random or global."""
+    """Han's config with each round pruned to Han's kept fractions: ``kind`` random or global.
+
+    The targets are sparsities, ``1 - kept_fraction`` of Han's rounds.
+    """
+    sparsity: tuple[Any, ...]
     if kind == "random":
-        keep = tuple(tuple(h["kept_fraction_per_layer"].items()) for h in history)
+        sparsity = tuple(
+            tuple((path, 1.0 - k) for path, k in h["kept_fraction_per_layer"].items())
+            for h in history
+        )
         fields = {"ranking": "random", "scope": "layer"}
     else:
-        keep = tuple(h["kept_fraction"] for h in history)
+        sparsity = tuple(1.0 - h["kept_fraction"] for h in history)
         fields = {"ranking": "magnitude", "scope": "global"}
-    return dataclasses.replace(han, keep=keep, q=(), q_scale=(), **fields).checked()
+    return dataclasses.replace(han, sparsity=sparsity, q=(), q_scale=(), **fields).checked()
 
 
 def han_run(model: str, seed: int, out: Path, args: argparse.Namespace) -> dict:
@@ -220,7 +227,7 @@ def table(summary: dict) -> Table:
         "global: one magnitude threshold, Han's total kept)",
     )
     table.add_column("")
-    table.add_column("kept")
+    table.add_column("kept %")
     for kind in METHODS:
         table.add_column(f"{TITLES[kind]} error", justify="right")
     table.add_column("paper", justify="right")
@@ -231,13 +238,13 @@ def table(summary: dict) -> Table:
         errors = [pm(row[kind]["error"]) for kind in METHODS]
         mark = ""
         if row["round"] == last:
-            mark = f"{100 * paper['error_pruned']:.2f}% at {100 * paper['kept_total']:.0f}%"
+            mark = f"{100 * paper['error_pruned']:.2f}% at {100 * paper['kept_fraction']:.0f}%"
         table.add_row(f"round {row['round']}", pm(row["han"]["kept_fraction"]), *errors, mark)
     for path, stat in summary["kept_fraction_per_layer"].items():
         layer = path.rsplit("/", 1)[0]  # the path minus its last key, as the demo names layers
-        paper_kept = paper["kept"].get(layer)
+        paper_kept = paper["kept_fraction_per_layer"].get(layer)
         table.add_row(
-            f"  {layer} kept (last round)",
+            f"  {layer} kept % (last round)",
             pm(stat),
             "",
             "",
@@ -254,7 +261,7 @@ def markdown(summary: dict) -> str:
     lines = [
         f"**{summary['model']}** ({summary['data']}, mean ± std over {n} seeds)",
         "",
-        "| | weights kept | Han et al. (magnitude, per layer) | random (same per-layer kept) "
+        "| | kept % | Han et al. (magnitude, per layer) | random (same per-layer kept) "
         "| global magnitude (same total kept) |",
         "| --- | ---: | ---: | ---: | ---: |",
         f"| dense | 100% | {pm(summary['dense_error'])} | | |",
@@ -263,7 +270,7 @@ def markdown(summary: dict) -> str:
         errors = " | ".join(pm(row[kind]["error"]) for kind in METHODS)
         lines.append(f"| round {row['round']} | {pm(row['han']['kept_fraction'])} | {errors} |")
     lines.append(
-        f"| paper | {100 * paper['kept_total']:.0f}% | {100 * paper['error_pruned']:.2f}% "
+        f"| paper | {100 * paper['kept_fraction']:.0f}% | {100 * paper['error_pruned']:.2f}% "
         f"(dense {100 * paper['error_dense']:.2f}%) | | |"
     )
     lines += ["", claim(summary) + "."]

@@ -80,14 +80,14 @@ def _train(
     masks: Any,
     data: Dataset,
     *,
-    lr: float,
+    learning_rate: float,
     epochs: int,
     max_steps: int | None,
     seed: int,
 ) -> Any:
     state = update_masks(trainer.tx.init(params), masks)
     hyper = state.inner_state.hyperparams
-    hyper = {**hyper, "learning_rate": jnp.full_like(hyper["learning_rate"], lr)}
+    hyper = {**hyper, "learning_rate": jnp.full_like(hyper["learning_rate"], learning_rate)}
     state = state._replace(inner_state=state.inner_state._replace(hyperparams=hyper))
     params, state = _committed((apply_masks(params, masks), state))
     done = 0
@@ -113,11 +113,13 @@ def _accuracy(apply: Callable, params: Any, data: Dataset) -> float:
     return float((jnp.argmax(logits, -1) == data.y_test).mean())
 
 
-def _unstructured_masks(params: Any, kept: float, previous: Any) -> Any:
-    """Magnitude masks keeping ``kept`` of fc1's and fc2's weights and 3.25x that of fc3's
-    (Han et al. 2015, Table 2: 8%, 9%, 26%); what ``previous`` pruned stays pruned."""
-    sparsity = {"fc1": 1.0 - kept, "fc2": 1.0 - kept, "fc3": 1.0 - min(3.25 * kept, 1.0)}
-    return masks_for_sparsity(params, sparsity, previous=previous)
+def _unstructured_masks(params: Any, sparsity: float, previous: Any) -> Any:
+    """Magnitude masks pruning ``sparsity`` of fc1's and fc2's weights, fc3 keeping 3.25x what they
+    keep (Han et al. 2015, Table 2: 8%, 9%, 26% kept); what ``previous`` pruned stays pruned."""
+    fc3 = max(1.0 - 3.25 * (1.0 - sparsity), 0.0)
+    return masks_for_sparsity(
+        params, {"fc1": sparsity, "fc2": sparsity, "fc3": fc3}, previous=previous
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -131,12 +133,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if args.quick:
         data, max_steps, epochs, retrain_epochs = load_digits(), 6, 1, 1
-        rounds, repeats, budget = (0.08,), 3, 0.05
+        rounds, repeats, budget = (0.92,), 3, 0.05
     else:
         path = args.data or (DEFAULT_MNIST if DEFAULT_MNIST.exists() else None)
         data = load_mnist(path) if path is not None else load_digits()
         max_steps, epochs, retrain_epochs = None, args.epochs, 2
-        rounds, repeats, budget = (0.5, 0.2, 0.08), 15, 1.5
+        rounds, repeats, budget = (0.5, 0.8, 0.92), 15, 1.5
     print(f"data: {data.name}, train {len(data.x_train)}, test {len(data.x_test)}")
 
     model = LeNet300100()
@@ -145,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer = _trainer(model, params)
     train = dict(max_steps=max_steps, seed=args.seed)
     keep_all = jax.tree.map(lambda a: jnp.asarray(np.ones(a.shape, bool)), params)
-    params = _train(trainer, params, keep_all, data, lr=1e-3, epochs=epochs, **train)
+    params = _train(trainer, params, keep_all, data, learning_rate=1e-3, epochs=epochs, **train)
     acc = {"dense": _accuracy(apply, params, data)}
 
     # Half the hidden neurons, without and with retraining (Han et al. 2015, Sec. 3.4).
@@ -153,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         m = neuron_masks(params, 0.5, layers=LAYERS, score=score)
         acc[f"neuron50 {score}, no retrain"] = _accuracy(apply, apply_masks(params, m), data)
     masks50 = neuron_masks(params, 0.5, layers=LAYERS)
-    retrained = _train(trainer, params, masks50, data, lr=3e-4, epochs=retrain_epochs, **train)
+    retrained = _train(
+        trainer, params, masks50, data, learning_rate=3e-4, epochs=retrain_epochs, **train
+    )
     acc["neuron50 incoming, retrained"] = _accuracy(apply, retrained, data)
     small50 = shrink(retrained, layers=LAYERS, masks=masks50)
     model50 = LeNet300100(hidden=small50.widths[:-1])
@@ -162,9 +166,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Han's unstructured pruning to ~8%, in rounds with retraining, then dead-unit removal.
     pruned, masks8 = params, keep_all
-    for kept in rounds:
-        masks8 = _unstructured_masks(pruned, kept, masks8)
-        pruned = _train(trainer, pruned, masks8, data, lr=3e-4, epochs=retrain_epochs, **train)
+    for sparsity in rounds:
+        masks8 = _unstructured_masks(pruned, sparsity, masks8)
+        pruned = _train(
+            trainer, pruned, masks8, data, learning_rate=3e-4, epochs=retrain_epochs, **train
+        )
     acc["unstructured8 retrained"] = _accuracy(apply, pruned, data)
     small8 = shrink(pruned, layers=LAYERS, masks=masks8)
     model8 = LeNet300100(hidden=small8.widths[:-1])

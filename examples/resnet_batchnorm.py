@@ -40,7 +40,7 @@ from jaxprune.demo.run import compare_times, dense_npz_bytes
 sys.path.insert(0, os.path.dirname(__file__))
 from common import Load, batches, mean_std
 
-KEPT = (0.30, 0.15, 0.08)
+SPARSITY = (0.70, 0.85, 0.92)  # Han rounds to 30%, 15% and 8% of the kernels kept
 REESTIMATE = 20  # batches of 64 to re-estimate the statistics on
 
 
@@ -109,13 +109,13 @@ def _some(data, seed):
     return itertools.islice(batches(data, seed), REESTIMATE)
 
 
-def train_dense(data, seed: int, epochs: int, lr: float, wd: float):
+def train_dense(data, seed: int, epochs: int, learning_rate: float, wd: float):
     variables = MODEL.init(jax.random.key(seed), data.x_train[:1])
     params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
     steps = epochs * (len(data.x_train) // 64)
     tx = optax.chain(
         optax.add_decayed_weights(wd),
-        optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9),
+        optax.sgd(optax.cosine_decay_schedule(learning_rate, steps), momentum=0.9),
     )
     step = jaxprune.make_retrain_step(loss_fn, tx)
     s = jaxprune.retrain_state(params, tx, rng=jax.random.key(seed), model_state=state)
@@ -130,25 +130,27 @@ def train_dense(data, seed: int, epochs: int, lr: float, wd: float):
     return s.params, stats
 
 
-def one_shot(data, params, state, kept: float, seed: int) -> tuple[float, float]:
-    """Accuracy right after pruning to ``kept``: stale statistics, then re-estimated ones."""
-    masks = jaxprune.masks_for_sparsity(params, 1.0 - kept, where=WHERE)
+def one_shot(data, params, state, sparsity: float, seed: int) -> tuple[float, float]:
+    """Accuracy right after pruning to ``sparsity``: stale statistics, then re-estimated ones."""
+    masks = jaxprune.masks_for_sparsity(params, sparsity, where=WHERE)
     pruned = jaxprune.apply_masks(params, masks)
     stale = accuracy(pruned, state, data.x_test, data.y_test)
     fresh_state = jaxprune.reestimate_batch_stats(stats_update, state, _some(data, seed), pruned)
     return stale, accuracy(pruned, fresh_state, data.x_test, data.y_test)
 
 
-def han_rounds(data, params, state, *, seed, epochs, lr, wd, reestimate):
-    """prune -> retrain for each kept fraction in KEPT; yields (kept, accuracy, RoundsState)."""
+def han_rounds(data, params, state, *, seed, epochs, learning_rate, wd, reestimate):
+    """prune -> retrain for each target in SPARSITY; yields (kept fraction, accuracy, state)."""
     runs = jaxprune.prune_and_retrain(
         params,
         loss_fn,
         lambda e: batches(data, 7919 * seed + e),
         lambda p: 0.0,
-        rounds=len(KEPT),
-        optimizer=optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr / 10, momentum=0.9)),
-        sparsity=[1.0 - k for k in KEPT],
+        rounds=len(SPARSITY),
+        optimizer=optax.chain(
+            optax.add_decayed_weights(wd), optax.sgd(learning_rate / 10, momentum=0.9)
+        ),
+        sparsity=list(SPARSITY),
         epochs=epochs,
         where=WHERE,
         seed=seed,
@@ -207,16 +209,16 @@ def main(argv=None) -> dict:
     console = Console()
     start = time.perf_counter()
     data = load_dataset(args.data_dir)
-    lr, wd = 0.05, 5e-4
-    rows = {k: {"stale": [], "fresh": [], "plain": [], "reest": []} for k in KEPT}
+    learning_rate, wd = 0.05, 5e-4
+    rows = {k: {"stale": [], "fresh": [], "plain": [], "reest": []} for k in SPARSITY}
     dense_acc, final = [], None
     for seed in range(args.seeds):
-        params, state = train_dense(data, seed, args.epochs, lr, wd)
+        params, state = train_dense(data, seed, args.epochs, learning_rate, wd)
         dense_acc.append(accuracy(params, state, data.x_test, data.y_test))
-        for kept in KEPT:
-            stale, fresh = one_shot(data, params, state, kept, seed)
-            rows[kept]["stale"].append(stale)
-            rows[kept]["fresh"].append(fresh)
+        for sparsity in SPARSITY:
+            stale, fresh = one_shot(data, params, state, sparsity, seed)
+            rows[sparsity]["stale"].append(stale)
+            rows[sparsity]["fresh"].append(fresh)
         for reestimate, column in ((0, "plain"), (REESTIMATE, "reest")):
             rounds = han_rounds(
                 data,
@@ -224,30 +226,30 @@ def main(argv=None) -> dict:
                 state,
                 seed=seed,
                 epochs=args.retrain_epochs,
-                lr=lr,
+                learning_rate=learning_rate,
                 wd=wd,
                 reestimate=reestimate,
             )
             results = list(rounds)
-            for kept, (_, acc, _) in zip(KEPT, results, strict=True):
-                rows[kept][column].append(acc)
+            for sparsity, (_, acc, _) in zip(SPARSITY, results, strict=True):
+                rows[sparsity][column].append(acc)
             final = results[-1][2]
 
     table = Table(
         title=f"Linen ResNet + BatchNorm on {data.name}: test accuracy, {args.seeds} seed(s)"
     )
     for col in (
-        "kernels kept",
+        "kernel sparsity",
         "one-shot, stale BN",
         "one-shot, re-estimated BN",
         "Han rounds, no re-estimation",
         "Han rounds, re-estimated",
     ):
         table.add_column(col, justify="right")
-    table.add_row("100% (dense)", mean_std(dense_acc), "", "", "")
-    for kept, r in rows.items():
+    table.add_row("0% (dense)", mean_std(dense_acc), "", "", "")
+    for sparsity, r in rows.items():
         table.add_row(
-            f"{kept:.0%}", *(mean_std(r[c]) for c in ("stale", "fresh", "plain", "reest"))
+            f"{sparsity:.0%}", *(mean_std(r[c]) for c in ("stale", "fresh", "plain", "reest"))
         )
     console.print(table)
 

@@ -115,7 +115,7 @@ class Sensitivity(NamedTuple):
 
     Attributes:
       layers: the scanned leaf paths, e.g. ``('fc1/kernel', 'fc2/kernel')``.
-      grid_kind: ``'q'`` (Han's quality parameter) or ``'kept_fraction'`` (target fraction kept).
+      grid_kind: ``'q'`` (Han's quality parameter) or ``'sparsity'`` (target fraction pruned).
       grid: the scanned values, shape ``(Q,)``.
       kept_fraction: measured fraction of the layer's weights kept, shape ``(L, Q)``.
       accuracy: accuracy with only that layer pruned, shape ``(L, Q)``.
@@ -132,7 +132,7 @@ class Sensitivity(NamedTuple):
     def rows(self) -> list[dict[str, Any]]:
         """The table as one dict per (layer, grid value).
 
-        Keys: ``layer``, ``q`` (``None`` for a kept-fraction scan), ``kept_fraction``, ``accuracy``.
+        Keys: ``layer``, ``q`` (``None`` for a sparsity scan), ``kept_fraction``, ``accuracy``.
         """
         return [
             {
@@ -155,20 +155,20 @@ class Sensitivity(NamedTuple):
         return "\n".join(lines)
 
 
-def _check_grid(qs: Any, kept_fractions: Any) -> tuple[str, np.ndarray]:
-    if (qs is None) == (kept_fractions is None):
+def _check_grid(qs: Any, sparsities: Any) -> tuple[str, np.ndarray]:
+    if (qs is None) == (sparsities is None):
         raise ValueError(
-            "sensitivity needs exactly one of qs= (Han's q values) or kept_fractions= (targets), "
-            f"got qs={qs!r}, kept_fractions={kept_fractions!r}."
+            "sensitivity needs exactly one of qs= (Han's q values) or sparsities= (pruned "
+            f"fractions), got qs={qs!r}, sparsities={sparsities!r}."
         )
-    kind, values = ("q", qs) if qs is not None else ("kept_fraction", kept_fractions)
+    kind, values = ("q", qs) if qs is not None else ("sparsity", sparsities)
     grid = np.asarray(values, dtype=np.float64)
     if grid.ndim != 1 or grid.size == 0:
         raise ValueError(f"{kind} grid has shape {grid.shape}, expected a non-empty 1-D sequence.")
-    ok = (grid >= 0) & np.isfinite(grid) if kind == "q" else (grid > 0) & (grid <= 1)
+    ok = (grid >= 0) & np.isfinite(grid) if kind == "q" else (grid >= 0) & (grid < 1)
     if not ok.all():
-        wanted = "finite and >= 0" if kind == "q" else "in (0, 1]"
-        name = "qs" if kind == "q" else "kept_fractions"
+        wanted = "finite and >= 0" if kind == "q" else "in [0, 1)"
+        name = "qs" if kind == "q" else "sparsities"
         raise ValueError(f"{name} must be {wanted}, got {grid[~ok][:5].tolist()}.")
     return kind, grid.astype(np.float32)
 
@@ -205,7 +205,7 @@ def _scan_layers(
             masks = compute_masks(params, value, where=where, stacked=dict(stacked))
         else:
             masks = masks_for_sparsity(
-                params, 1.0 - value, scope="layer", where=where, stacked=dict(stacked)
+                params, value, scope="layer", where=where, stacked=dict(stacked)
             )
 
         # Only the selected layer is pruned; the others keep every weight (Han et al. 2015,
@@ -238,7 +238,7 @@ def sensitivity(
     y: Any,
     *,
     qs: Sequence[float] | None = None,
-    kept_fractions: Sequence[float] | None = None,
+    sparsities: Sequence[float] | None = None,
     where: Where | None = None,
     stacked: Stacked | None = None,
     batch_size: int = 500,
@@ -250,7 +250,7 @@ def sensitivity(
     is kept, and the pruned network is evaluated as is. Layers whose accuracy falls early are
     sensitive and deserve a smaller ``q``. Masks come from :func:`jaxprune.masks.compute_masks`
     (grid of ``qs``) or :func:`jaxprune.masks.masks_for_sparsity` with ``scope='layer'`` (grid of
-    ``kept_fractions``). All (layer, value) points run in one jitted call: the layer and value
+    ``sparsities``). All (layer, value) points run in one jitted call: the layer and value
     are traced, ``grid_batch`` points are vmapped together, and the data are scanned in batches.
 
     Args:
@@ -258,8 +258,8 @@ def sensitivity(
       params: a params tree (Linen dict or NNX state).
       x: evaluation inputs.
       y: integer labels, shape ``(len(x),)``.
-      qs: Han's quality parameters to scan (``>= 0``); give this or ``kept_fractions``.
-      kept_fractions: fractions of each layer to keep, in ``(0, 1]``.
+      qs: Han's quality parameters to scan (``>= 0``); give this or ``sparsities``.
+      sparsities: fractions of each layer to prune, in ``[0, 1)``.
       where: ``where(path, leaf) -> bool`` choosing the layers; default
         :func:`jaxprune.default_where`. It is also called on traced leaves, so it must decide by
         path, shape or dtype, not by values.
@@ -272,8 +272,8 @@ def sensitivity(
       A :class:`Sensitivity` table; ``.rows()`` lists (layer, q, kept_fraction, accuracy).
 
     Raises:
-      ValueError: on a bad grid (both or neither given, negative ``q``, fraction outside
-        ``(0, 1]``), no prunable layer, mismatched ``x``/``y``, or ``batch_size``/``grid_batch``
+      ValueError: on a bad grid (both or neither given, negative ``q``, sparsity outside
+        ``[0, 1)``), no prunable layer, mismatched ``x``/``y``, or ``batch_size``/``grid_batch``
         below 1.
 
     Example:
@@ -285,7 +285,7 @@ def sensitivity(
       >>> table.layers, table.kept_fraction.tolist(), table.accuracy.tolist()
       (('kernel',), [[1.0, 0.25]], [[1.0, 0.5]])
     """
-    kind, grid = _check_grid(qs, kept_fractions)
+    kind, grid = _check_grid(qs, sparsities)
     _check_data(x, y, batch_size)
     check_count(grid_batch, name="grid_batch")
     prunable = prunable_paths(params, where)

@@ -275,20 +275,20 @@ def shrink(
 # Neuron (structured) pruning
 
 
-def _fractions(fraction: Any, n_links: int) -> tuple[float, ...]:
-    is_seq = isinstance(fraction, Sequence) and not isinstance(fraction, str)
-    values = fraction if is_seq else (fraction,) * n_links
+def _sparsities(sparsity: Any, n_links: int) -> tuple[float, ...]:
+    is_seq = isinstance(sparsity, Sequence) and not isinstance(sparsity, str)
+    values = sparsity if is_seq else (sparsity,) * n_links
     if len(values) != n_links:
         raise ValueError(
-            f"fraction has {len(values)} entries, expected {n_links} (one per hidden layer, i.e. "
+            f"sparsity has {len(values)} entries, expected {n_links} (one per hidden layer, i.e. "
             "every listed layer but the last), or pass one float."
         )
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-            raise TypeError(f"fraction must be a float in [0, 1), got {type(v).__name__} {v!r}.")
+            raise TypeError(f"sparsity must be a float in [0, 1), got {type(v).__name__} {v!r}.")
         if not 0.0 <= float(v) < 1.0:
-            raise ValueError(f"fraction must be in [0, 1), got {v!r}.")
+            raise ValueError(f"sparsity must be in [0, 1), got {v!r}.")
         out.append(float(v))
     return tuple(out)
 
@@ -304,7 +304,7 @@ def _scores(c: _Chain, i: int, conv_next: bool, score: str) -> np.ndarray:
 
 def neuron_masks(
     params: PyTree,
-    fraction: float | Sequence[float],
+    sparsity: float | Sequence[float],
     *,
     layers: Sequence[str],
     score: str = "incoming",
@@ -312,7 +312,7 @@ def neuron_masks(
 ) -> PyTree:
     """Masks that prune whole hidden units (neurons, or conv channels) of the smallest L2 norm.
 
-    In every hidden layer (each listed layer but the last), ``floor(fraction * n + 0.5)`` of its
+    In every hidden layer (each listed layer but the last), ``floor(sparsity * n + 0.5)`` of its
     ``n`` output units are pruned: the unit's incoming weights (its kernel column or filter), its
     bias entry and its outgoing weights in the next layer all get ``False``, so the unit neither
     computes nor contributes, retraining with the masks keeps it at zero, and :func:`shrink`
@@ -334,7 +334,7 @@ def neuron_masks(
 
     Args:
       params: a Linen params dict or an NNX state. Leaves outside ``layers`` are not pruned.
-      fraction: the fraction of units to prune per hidden layer, in ``[0, 1)``; one float, or
+      sparsity: the fraction of units to prune per hidden layer, in ``[0, 1)``; one float, or
         one per hidden layer.
       layers: the chain's layer paths in data-flow order (see :func:`shrink`).
       score: ``'incoming'``, ``'outgoing'`` or ``'both'``.
@@ -345,8 +345,8 @@ def neuron_masks(
       A mask tree with the structure of ``params``, like :func:`jaxprune.masks.compute_masks`'s.
 
     Raises:
-      TypeError: on a malformed ``layers`` or ``fraction``.
-      ValueError: on ``fraction`` outside ``[0, 1)``, an unknown ``score``, a listed layer that is
+      TypeError: on a malformed ``layers`` or ``sparsity``.
+      ValueError: on ``sparsity`` outside ``[0, 1)``, an unknown ``score``, a listed layer that is
         not Dense/Conv, layers that do not chain, or ``previous`` not matching ``params``.
 
     >>> import numpy as np
@@ -359,15 +359,15 @@ def neuron_masks(
     if score not in _SCORES:
         raise ValueError(f"score must be one of {_SCORES}, got {score!r}.")
     chain = _read_chain(params, layers, whole=False)
-    fractions = _fractions(fraction, len(chain) - 1)
+    sparsities = _sparsities(sparsity, len(chain) - 1)
     if previous is not None:
         _check_masks(params, previous, chain, name="previous")
     c = _gather(chain, params, previous)
-    for i, f in enumerate(fractions):
+    for i, s in enumerate(sparsities):
         conv_next = chain[i + 1].is_conv
         n = c.kernels[i].shape[-1]
         order = np.argsort(_scores(c, i, conv_next, score), kind="stable")
-        pruned = order[: math.floor(f * n + 0.5)]
+        pruned = order[: math.floor(s * n + 0.5)]
         c.kernel_masks[i][..., pruned] = False
         bias_mask = c.bias_masks[i]
         if bias_mask is not None:

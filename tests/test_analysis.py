@@ -118,17 +118,17 @@ def test_sensitivity_q_grid_matches_one_layer_at_a_time(problem):
     assert table.kept_fraction[:, -1].max() < 0.1
 
 
-def test_sensitivity_kept_fraction_grid(problem):
+def test_sensitivity_sparsity_grid(problem):
     params, x, y = problem
-    fractions = [1.0, 0.5, 0.2]
-    table = sensitivity(mlp_apply, params, x, y, kept_fractions=fractions)
-    assert table.grid_kind == "kept_fraction"
+    sparsities = [0.0, 0.5, 0.8]
+    table = sensitivity(mlp_apply, params, x, y, sparsities=sparsities)
+    assert table.grid_kind == "sparsity"
     for i, layer in enumerate(table.layers):
-        for j, f in enumerate(fractions):
-            masks = masks_for_sparsity(params, 1.0 - f, where=only(layer))
+        for j, s in enumerate(sparsities):
+            masks = masks_for_sparsity(params, s, where=only(layer))
             kept = summarize(params, masks, where=only(layer)).rows[0].kept_fraction
             assert table.kept_fraction[i, j] == pytest.approx(kept, abs=1e-6)
-            assert kept == pytest.approx(f, abs=0.02)
+            assert kept == pytest.approx(1.0 - s, abs=0.02)
             pruned = apply_masks(params, masks)
             assert table.accuracy[i, j] == pytest.approx(accuracy(mlp_apply, pruned, x, y))
     assert all(r["q"] is None for r in table.rows())
@@ -179,10 +179,11 @@ def test_sensitivity_table_rows_and_text(problem):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({}, r"exactly one of qs= .* or kept_fractions="),
-        ({"qs": [1.0], "kept_fractions": [0.5]}, r"exactly one of qs="),
+        ({}, r"exactly one of qs= .* or sparsities="),
+        ({"qs": [1.0], "sparsities": [0.5]}, r"exactly one of qs="),
         ({"qs": [0.5, -1.0]}, r"qs must be finite and >= 0, got \[-1\.0\]"),
-        ({"kept_fractions": [0.0, 0.5]}, r"kept_fractions must be in \(0, 1\], got \[0\.0\]"),
+        ({"sparsities": [0.5, 1.0]}, r"sparsities must be in \[0, 1\), got \[1\.0\]"),
+        ({"sparsities": [-0.1]}, r"sparsities must be in \[0, 1\), got \[-0\.1"),
         ({"qs": []}, r"q grid has shape \(0,\), expected a non-empty 1-D"),
         ({"qs": [1.0], "grid_batch": 0}, r"grid_batch must be an int >= 1, got 0"),
         ({"qs": [1.0], "where": lambda p, leaf: False}, r"params has no prunable leaf"),

@@ -36,7 +36,7 @@ def test_demo_runs_end_to_end_and_writes_its_outputs(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", *FAST, "--out", str(out), "--structured", "0.5"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [(h["round"], h["q"], h["keep"]) for h in results["history"]] == [
+    assert [(h["round"], h["q"], h["sparsity"]) for h in results["history"]] == [
         (1, 0.8, None),
         (2, 1.4, None),
     ]
@@ -105,14 +105,14 @@ def test_schedule_options_fit_together():
     assert _parsed("run", "--data-dir", "d", "--q", "2").rounds == 1
     assert _parsed("run", "--data-dir", "d", "--q", "2", "--rounds", "3").q == (2.0, 2.0, 2.0)
     assert _parsed("run", "--model", "lenet5", "--data-dir", "d", "--rounds", "2").q == recipe.q[:2]
-    # --keep drops the recipe's per-layer q factors, which apply to q only.
-    keep = _parsed("run", "--model", "lenet5", "--data-dir", "d", "--keep", "0.5,0.2")
-    assert (keep.keep, keep.rounds, keep.q_scale) == ((0.5, 0.2), 2, ())
+    # --sparsity drops the recipe's per-layer q factors, which apply to q only.
+    cut = _parsed("run", "--model", "lenet5", "--data-dir", "d", "--sparsity", "0.5,0.8")
+    assert (cut.sparsity, cut.rounds, cut.q_scale) == ((0.5, 0.8), 2, ())
     assert _parsed("demo", "--model", "lenet5") == dataclasses.replace(DEMO, model="lenet5")
     with pytest.raises(ConfigError, match="base schedule has 9 rounds"):
         _parsed("run", "--model", "lenet5", "--data-dir", "d", "--rounds", "10")
-    with pytest.raises(ConfigError, match="q_scale applies to q, not to keep"):
-        _parsed("run", "--data-dir", "d", "--keep", "0.5", "--q-scale", "fc1=0.5")
+    with pytest.raises(ConfigError, match="q_scale applies to q, not to sparsity"):
+        _parsed("run", "--data-dir", "d", "--sparsity", "0.5", "--q-scale", "fc1=0.5")
 
 
 def test_a_plain_install_says_to_install_the_demo_extra():
@@ -154,9 +154,19 @@ def test_round_lines_and_tables_name_nnx_layers_by_their_whole_path():
     assert report.history_entry(record, config)["kept_fraction_per_layer"] == record.kept
 
 
-def test_keep_rounds_are_named_by_the_fraction_asked_for():
-    config = dataclasses.replace(DEMO, keep=(0.3,), rounds=1, q_scale=()).checked()
-    record = RoundRecord(0, None, 0.7, {"fc1/kernel": 0.3}, 0.3, 0.1, 0.9, 0.05, {})
-    assert report.round_line(record, config).startswith("round 1: keep=0.3  kept 30.00%")
+def test_sparsity_rounds_are_named_by_the_fraction_asked_for():
+    config = dataclasses.replace(DEMO, sparsity=(0.7,), rounds=1, q_scale=()).checked()
+    record = RoundRecord(
+        round=0,
+        q=None,
+        sparsity=0.7,
+        kept={"fc1/kernel": 0.3},
+        kept_total=0.3,
+        train_loss=0.1,
+        metric=0.9,
+        dropout_rates={},
+    )
+    assert report.round_line(record, config).startswith("round 1: sparsity=0.7  kept 30.00%")
     entry = report.history_entry(record, config)
-    assert (entry["keep"], entry["kept_fraction"], entry["retrain_lr"]) == (0.3, 0.3, 0.05)
+    assert (entry["sparsity"], entry["kept_fraction"]) == (0.7, 0.3)
+    assert entry["retrain_learning_rate"] == 0.05  # the demo's 0.1, halved for retraining

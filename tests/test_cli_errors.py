@@ -39,9 +39,12 @@ def one_line_error(capsys, argv: list[str]) -> str:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["demo", "--lr", "inf"], "--lr must be finite and > 0, got inf."),
+        (["demo", "--learning-rate", "inf"], "--learning-rate must be finite and > 0, got inf."),
         (["demo", "--weight-decay", "inf"], "--weight-decay must be finite and >= 0, got inf."),
-        (["demo", "--retrain-lr-scale", "inf"], "--retrain-lr-scale must be finite and > 0"),
+        (
+            ["demo", "--retrain-learning-rate-scale", "inf"],
+            "--retrain-learning-rate-scale must be finite and > 0",
+        ),
         (["demo", "--q", "inf"], "argument --q: expected comma-separated finite numbers"),
         (["demo", "--q-scale", "fc1=inf"], "--q-scale factors must be finite and >= 0"),
         (["demo", "--seed", "-1"], "--seed must be in [0, 2**31), got -1."),
@@ -49,7 +52,8 @@ def one_line_error(capsys, argv: list[str]) -> str:
         (["sensitivity", "--grid", "nan"], "argument --grid: expected comma-separated finite"),
         (["sensitivity", "--grid", "0,-1"], "--grid values must be >= 0, got (0.0, -1.0)."),
         (["demo", "--rounds", "3", "--q", "1,2"], "--q has 2 values for 3 rounds"),
-        (["demo", "--keep", "0.5,1.5", "--rounds", "2"], "--keep values must be fractions"),
+        (["demo", "--sparsity", "0.5,1", "--rounds", "2"], "--sparsity values must be fractions"),
+        (["demo", "--keep", "0.08"], "unrecognized arguments: --keep 0.08"),
         (["demo", "--epochs", "0"], "--epochs must be an integer >= 1, got 0."),
         (["demo", "--model", "lenet5", "--structured", "0.5"], "--structured supports"),
         (["demo", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
@@ -63,10 +67,12 @@ def test_bad_options_are_one_line_before_anything_is_written(tmp_path, capsys, a
 
 
 def test_config_errors_name_fields_and_the_command_its_flags(capsys):
-    with pytest.raises(ConfigError, match=r"^retrain_lr_scale must be finite and > 0, got inf"):
-        Config(retrain_lr_scale=float("inf")).checked()
-    with pytest.raises(ConfigError, match=r"^q_scale applies to q, not to keep\.$"):
-        Config(keep=(0.5,), q_scale=(("fc1", 0.5),)).checked()
+    with pytest.raises(
+        ConfigError, match=r"^retrain_learning_rate_scale must be finite and > 0, got inf"
+    ):
+        Config(retrain_learning_rate_scale=float("inf")).checked()
+    with pytest.raises(ConfigError, match=r"^q_scale applies to q, not to sparsity\.$"):
+        Config(sparsity=(0.5,), q_scale=(("fc1", 0.5),)).checked()
 
 
 def test_an_unknown_q_scale_layer_is_refused_before_training(tmp_path, capsys):
@@ -78,8 +84,8 @@ def test_an_unknown_q_scale_layer_is_refused_before_training(tmp_path, capsys):
 
 def test_a_diverging_run_stops_before_saving_it(tmp_path, capsys):
     out = tmp_path / "o"
-    line = one_line_error(capsys, ["demo", *FAST, "--lr", "1e30", "--out", str(out)])
-    assert "dense training diverged (mean loss nan in epoch 1); lower --lr." in line
+    line = one_line_error(capsys, ["demo", *FAST, "--learning-rate", "1e30", "--out", str(out)])
+    assert "dense training diverged (mean loss nan in epoch 1); lower --learning-rate." in line
     assert not (out / "checkpoints" / "dense.json").exists()
 
 
@@ -178,12 +184,16 @@ def test_ctrl_c_in_a_round_exits_130_with_one_line(tmp_path):
     ("fields", "message"),
     [
         ({"scope": "net"}, r"^unknown scope 'net'; choose layer or global\.$"),
-        ({"ranking": "lottery", "keep": (0.5,)}, r"^unknown ranking 'lottery'"),
-        ({"ranking": "random"}, r"^scope and ranking apply to keep, not to Han's q rule\.$"),
-        ({"keep": ((("fc1", 0.5),),), "scope": "global"}, r"^keep per layer needs scope layer"),
-        ({"keep": ((("fc1", 1.5),),)}, r"^keep values must be fractions in \(0, 1\]"),
+        ({"ranking": "lottery", "sparsity": (0.5,)}, r"^unknown ranking 'lottery'"),
+        ({"ranking": "random"}, r"^scope and ranking apply to sparsity, not to Han's q rule\.$"),
+        (
+            {"sparsity": ((("fc1", 0.5),),), "scope": "global"},
+            r"^sparsity per layer needs scope layer",
+        ),
+        ({"sparsity": ((("fc1", 1.0),),)}, r"^sparsity values must be fractions in \[0, 1\)"),
+        ({"sparsity": (-0.1,)}, r"^sparsity values must be fractions in \[0, 1\)"),
     ],
 )
-def test_scope_ranking_and_per_layer_keep_are_checked(fields, message):
+def test_scope_ranking_and_per_layer_sparsity_are_checked(fields, message):
     with pytest.raises(ConfigError, match=message):
         Config(rounds=1, q=(1.0,), **fields).checked()

@@ -54,10 +54,13 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
 def test_readme_states_the_recipes_the_command_runs():
     text = README.read_text()
     for recipe in RECIPES.values():
-        assert f"{recipe.epochs} epochs, lr {recipe.lr:g}" in text, recipe.model
+        assert f"{recipe.epochs} epochs, learning rate {recipe.learning_rate:g}" in text, (
+            recipe.model
+        )
         schedule = ", ".join(f"{q:.1f}" for q in recipe.q)
         assert f"| {recipe.rounds}, q = {schedule} |" in text, recipe.model
-        retrain = f"{recipe.retrain_epochs} epochs at lr {recipe.lr * recipe.retrain_lr_scale:g}"
+        rate = recipe.learning_rate * recipe.retrain_learning_rate_scale
+        retrain = f"{recipe.retrain_epochs} epochs at learning rate {rate:g}"
         assert retrain in text, recipe.model
 
 

@@ -59,12 +59,14 @@ def test_random_baseline_keeps_hans_per_layer_fractions(bench):
     ]
     random = bench.baseline_config(han, history, "random")
     assert random.ranking == "random" and random.scope == "layer"
-    assert random.keep[1] == (("fc1/kernel", 0.2), ("fc2/kernel", 0.5))
+    # Targets are sparsities: the fractions Han's rounds pruned.
+    assert [layer for layer, _ in random.sparsity[1]] == ["fc1/kernel", "fc2/kernel"]
+    assert [s for _, s in random.sparsity[1]] == pytest.approx([0.8, 0.5])
     glob = bench.baseline_config(han, history, "global")
-    assert glob.scope == "global" and glob.keep == (0.5, 0.3)
-    assert (random.epochs, random.lr, random.retrain_epochs) == (
+    assert glob.scope == "global" and glob.sparsity == pytest.approx((0.5, 0.7))
+    assert (random.epochs, random.learning_rate, random.retrain_epochs) == (
         han.epochs,
-        han.lr,
+        han.learning_rate,
         han.retrain_epochs,
     )
 
@@ -76,7 +78,7 @@ def test_random_masks_draw_survivors_of_the_asked_size(bench):
     from jaxprune.demo import run
 
     config = bench.Config(
-        rounds=2, keep=((("fc1/kernel", 0.5), ("fc2/kernel", 0.25)), 0.1), ranking="random"
+        rounds=2, sparsity=((("fc1/kernel", 0.5), ("fc2/kernel", 0.75)), 0.9), ranking="random"
     ).checked()
     params = {
         "fc1": {"kernel": np.ones((8, 4), np.float32), "bias": np.zeros(4, np.float32)},
@@ -87,6 +89,6 @@ def test_random_masks_draw_survivors_of_the_asked_size(bench):
     second = run.random_masks(config, params, first, 1)
     for layer in ("fc1", "fc2"):  # pruned stays pruned
         assert not np.any(np.asarray(second[layer]["kernel"]) & ~np.asarray(first[layer]["kernel"]))
-    assert int(second["fc1"]["kernel"].sum()) == 3  # round(0.1 * 32)
+    assert int(second["fc1"]["kernel"].sum()) == 3  # 32 - round(0.9 * 32)
     again = run.random_masks(config, params, None, 0)  # seeded: the same draw again
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, first, again)))

@@ -153,6 +153,20 @@ def test_a_damaged_checkpoint_json_is_refused_and_the_others_kept(copy, capsys):
     assert {p: (ck / p).read_bytes() for p in before} == before
 
 
+def test_checkpoints_of_the_older_option_names_are_refused(copy, capsys):
+    # Format 1 named the options lr, retrain_lr_scale and keep (a kept fraction).
+    path = copy / "checkpoints" / "dense.json"
+    meta = json.loads(path.read_text())
+    config = meta["run"]["config"]
+    for old, new in (("lr", "learning_rate"), ("retrain_lr_scale", "retrain_learning_rate_scale")):
+        config[old] = config.pop(new)
+    config["keep"] = config.pop("sparsity")
+    path.write_text(json.dumps({**meta, "format": 1}))
+    line = refused(capsys, [*ARGS, "--out", str(copy), "--resume"])
+    assert "dense.json was written by an older jaxprune" in line
+    assert "--sparsity, the fraction pruned: 1 - keep" in line and "--overwrite" in line
+
+
 def test_a_stray_copy_of_a_round_file_is_ignored(copy):
     ck = copy / "checkpoints"
     shutil.copy(ck / "round-1.json", ck / "round-1 (copy).json")

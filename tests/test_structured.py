@@ -332,10 +332,10 @@ def test_neuron_masks_scores_by_hand():
 @settings(max_examples=20, deadline=None)
 @given(
     widths=st.lists(st.integers(1, 9), min_size=2, max_size=3),
-    fraction=st.floats(0.0, 0.99),
+    sparsity=st.floats(0.0, 0.99),
     score=st.sampled_from(["incoming", "outgoing", "both"]),
 )
-def test_neuron_masks_prune_the_requested_number_of_units(widths, fraction, score):
+def test_neuron_masks_prune_the_requested_number_of_units(widths, sparsity, score):
     rng = np.random.default_rng(len(widths))
     dims = [5, *widths, 3]
     names = [f"l{i}" for i in range(len(dims) - 1)]
@@ -343,8 +343,8 @@ def test_neuron_masks_prune_the_requested_number_of_units(widths, fraction, scor
         n: {"kernel": rng.normal(size=(a, b)), "bias": rng.normal(size=b)}
         for n, a, b in zip(names, dims[:-1], dims[1:], strict=True)
     }
-    masks = neuron_masks(params, fraction, layers=names, score=score)
-    pruned = [int(np.floor(fraction * w + 0.5)) for w in widths]
+    masks = neuron_masks(params, sparsity, layers=names, score=score)
+    pruned = [int(np.floor(sparsity * w + 0.5)) for w in widths]
     for name, k in zip(names[:-1], pruned, strict=True):
         chosen = ~np.asarray(masks[name]["bias"])
         assert chosen.sum() == k
@@ -517,11 +517,11 @@ def test_masks_that_do_not_match_are_refused():
 
 def test_neuron_masks_bad_arguments():
     params = _hand_mlp()
-    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.0"):
         neuron_masks(params, 1.0, layers=NAMES)
-    with pytest.raises(TypeError, match=r"fraction must be a float"):
+    with pytest.raises(TypeError, match=r"sparsity must be a float"):
         neuron_masks(params, "half", layers=NAMES)
-    with pytest.raises(ValueError, match=r"fraction has 3 entries, expected 2"):
+    with pytest.raises(ValueError, match=r"sparsity has 3 entries, expected 2"):
         neuron_masks(params, [0.1, 0.2, 0.3], layers=NAMES)
     with pytest.raises(ValueError, match=r"score must be one of .* got 'l1'"):
         neuron_masks(params, 0.5, layers=NAMES, score="l1")

@@ -34,14 +34,16 @@ from jaxprune.rounds import RoundRecord, RoundsState
 from jaxprune.storage import load, save
 from jaxprune.transform import keep_pruned
 
-FORMAT = 1
+# 2: the config names learning_rate, retrain_learning_rate_scale and sparsity (format 1 named
+# them lr, retrain_lr_scale and keep, the kept fraction); format 1 files are refused, not read.
+FORMAT = 2
 
 # The fields that decide the dense model; the others only shape the rounds after it.
 DENSE_FIELDS = (
     "model",
     "data_dir",
     "epochs",
-    "lr",
+    "learning_rate",
     "weight_decay",
     "batch_size",
     "dropout",
@@ -190,6 +192,13 @@ class Checkpoints:
     def _check_run(self, path: Path, meta: dict, fields: tuple[str, ...] | None = None) -> None:
         if self.identity is None:
             return
+        if isinstance(meta, dict) and meta.get("format") == 1:
+            raise CheckpointError(
+                f"{path} was written by an older jaxprune, whose options were named lr, "
+                "retrain_lr_scale and keep (now --learning-rate, --retrain-learning-rate-scale and "
+                "--sparsity, the fraction pruned: 1 - keep); resume it with that version, pass "
+                "--overwrite to start over, or use another --out."
+            )
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or not meta.get("run"):
             raise CheckpointError(
                 f"{path} carries no run identity (an older jaxprune wrote it); pass --overwrite "

@@ -42,8 +42,8 @@ DEMO = Config(
     rounds=4,
     q=(1.0, 1.5, 1.9, 2.2),
     retrain_epochs=20,
-    retrain_lr_scale=0.5,
-    lr=0.1,
+    retrain_learning_rate_scale=0.5,
+    learning_rate=0.1,
     batch_size=64,
 )
 
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser, out: str) -> None:
         p.add_argument("--model", choices=["lenet300", "lenet5"], default="lenet300")
         p.add_argument("--epochs", type=int, help="dense training epochs")
-        p.add_argument("--lr", type=float, help="dense learning rate")
+        p.add_argument("--learning-rate", type=float, help="dense learning rate")
         p.add_argument("--weight-decay", type=float, help="L2 coefficient")
         p.add_argument("--batch-size", type=int)
         p.add_argument("--dropout", type=float, help="dropout on the later dense layers' inputs")
@@ -100,12 +100,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def pruning(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--rounds", type=int, help="default: the length of --q or --keep, else the recipe's"
+            "--rounds", type=int, help="default: the length of --q or --sparsity, else the recipe's"
         )
         group = p.add_mutually_exclusive_group()
         group.add_argument("--q", type=_floats, help="Han's q per round, e.g. 1.0,1.5,2.0")
         group.add_argument(
-            "--keep", type=_floats, help="fraction of each layer to keep per round, instead of --q"
+            "--sparsity",
+            type=_floats,
+            help="fraction of each layer to prune per round (0.92 keeps 8%%), instead of --q",
         )
         p.add_argument(
             "--q-scale",
@@ -114,13 +116,17 @@ def _parser() -> argparse.ArgumentParser:
             help="prune these layers with FACTOR * q (e.g. conv1=0.3 keeps more of conv1)",
         )
         p.add_argument("--retrain-epochs", type=int, help="retraining epochs per round")
-        p.add_argument("--retrain-lr-scale", type=float, help="retraining lr = --lr * this")
+        p.add_argument(
+            "--retrain-learning-rate-scale",
+            type=float,
+            help="retraining learning rate = --learning-rate * this",
+        )
         p.add_argument("--resume", action="store_true", help="continue from --out's checkpoints")
         p.add_argument(
             "--structured",
             type=float,
             default=None,
-            metavar="FRACTION",
+            metavar="SPARSITY",
             help="also prune this fraction of hidden neurons, retrain, and shrink the layers",
         )
         p.add_argument("--sensitivity", action="store_true", help="also run the layer scan")
@@ -149,23 +155,23 @@ def _config(args: argparse.Namespace) -> Config:
     """The options given on the command line over the command's base config.
 
     A schedule given without ``--rounds`` sets the number of rounds (``--q 2`` prunes once);
-    ``--rounds`` without a schedule runs the first rounds of the base one. ``--keep`` drops the
-    base's ``--q-scale``.
+    ``--rounds`` without a schedule runs the first rounds of the base one. ``--sparsity`` drops
+    the base's ``--q-scale``.
     """
     base = DEMO if args.command == "demo" else recipes.RECIPES[args.model]
     fields = {f.name for f in dataclasses.fields(Config)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     given["data_dir"] = None if args.command == "demo" else args.data_dir
-    schedule = given.get("q", given.get("keep"))
+    schedule = given.get("q", given.get("sparsity"))
     if schedule is not None and "rounds" not in given:
         given["rounds"] = len(schedule)
-    if "keep" in given:
+    if "sparsity" in given:
         given.setdefault("q_scale", ())
     elif "q" not in given and "rounds" in given:
         if given["rounds"] > base.rounds:
             raise ConfigError(
                 f"--rounds {given['rounds']}: the {base.model} base schedule has {base.rounds} "
-                "rounds; give --q (or --keep) with one value or one per round."
+                "rounds; give --q (or --sparsity) with one value or one per round."
             )
         given["q"] = base.q[: given["rounds"]]
     return dataclasses.replace(base, **given).checked()
@@ -213,7 +219,7 @@ def _dense(config: Config, data: Any, ckpt: Checkpoints, console: Console, resum
         return found
 
     def on_epoch(epoch: int, loss: float) -> None:
-        _diverged("dense training", epoch, loss, "{lr}")
+        _diverged("dense training", epoch, loss, "{learning_rate}")
         bars.advance(task, f"loss {loss:.4f}")
 
     with _Bars(console) as bars:
@@ -233,7 +239,12 @@ def _rounds(config: Config, data: Any, params: Any, ckpt: Checkpoints, console: 
             return state
 
     def on_epoch(r: int, epoch: int, loss: float) -> None:
-        _diverged(f"round {r + 1}'s retraining", epoch, loss, "{retrain_lr_scale} or {lr}")
+        _diverged(
+            f"round {r + 1}'s retraining",
+            epoch,
+            loss,
+            "{retrain_learning_rate_scale} or {learning_rate}",
+        )
         bars.advance(tasks[r], f"loss {loss:.4f}")
 
     with _Bars(console) as bars:

@@ -12,19 +12,20 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-# Han et al. 2015, Tables 1 and 2: per-layer kept fractions and errors on MNIST.
+# Han et al. 2015, Tables 1 and 2: the fractions of weights kept (per layer and in total) and the
+# errors on MNIST.
 PAPER: dict[str, dict[str, Any]] = {
     "lenet300": {
         "error_dense": 0.0164,
         "error_pruned": 0.0159,
-        "kept": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
-        "kept_total": 0.08,
+        "kept_fraction_per_layer": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
+        "kept_fraction": 0.08,
     },
     "lenet5": {
         "error_dense": 0.0080,
         "error_pruned": 0.0077,
-        "kept": {"conv1": 0.66, "conv2": 0.12, "fc1": 0.08, "fc2": 0.19},
-        "kept_total": 0.08,
+        "kept_fraction_per_layer": {"conv1": 0.66, "conv2": 0.12, "fc1": 0.08, "fc2": 0.19},
+        "kept_fraction": 0.08,
     },
 }
 
@@ -35,10 +36,10 @@ class ConfigError(ValueError):
     The message names options as ``{field}`` (a :class:`Config` field in braces): ``str(e)``
     shows the field names, :meth:`render` lets the command line show its flags instead.
 
-    >>> str(ConfigError("{retrain_lr_scale} must be > 0"))
-    'retrain_lr_scale must be > 0'
-    >>> ConfigError("{retrain_lr_scale} must be > 0").render(lambda f: "--" + f.replace("_", "-"))
-    '--retrain-lr-scale must be > 0'
+    >>> str(ConfigError("{learning_rate} must be > 0"))
+    'learning_rate must be > 0'
+    >>> ConfigError("{learning_rate} must be > 0").render(lambda f: "--" + f.replace("_", "-"))
+    '--learning-rate must be > 0'
     """
 
     def __init__(self, template: str):
@@ -65,19 +66,20 @@ class Config:
       epochs: dense training epochs.
       rounds: prune -> retrain rounds.
       q: Han's quality parameter per round (one value is used for every round).
-      keep: instead of ``q``, the fraction to keep after each round: one float per round (of
-        each layer, or of all prunable weights together with ``scope='global'``), or per round a
-        ``((layer, fraction), ...)`` tuple naming each layer's own (``scope='layer'`` only).
-      scope: ``'layer'`` or ``'global'``: how ``keep`` is counted (see
+      sparsity: instead of ``q``, the fraction pruned after each round, in ``[0, 1)``: one float
+        per round (of each layer, or of all prunable weights together with ``scope='global'``),
+        or per round a ``((layer, sparsity), ...)`` tuple naming each layer's own
+        (``scope='layer'`` only).
+      scope: ``'layer'`` or ``'global'``: how ``sparsity`` is counted (see
         :func:`jaxprune.masks_for_sparsity`); ``q`` is always per layer.
-      ranking: ``'magnitude'`` (Han et al.) or ``'random'``: with ``keep``, prune survivors chosen
+      ranking: ``'magnitude'`` (Han et al.) or ``'random'``: with ``sparsity``, prune survivors chosen
         uniformly at random instead of the smallest; the baseline of Blalock et al. 2020.
       q_scale: ``((layer, factor), ...)``: those layers are pruned with ``factor * q``; Han et al.
         prune sensitive layers (LeNet-5's conv1) far less than the fully connected ones.
       retrain_epochs: retraining epochs per round.
-      lr: dense learning rate (SGD, momentum 0.9, cosine decay); retraining uses
-        ``lr * retrain_lr_scale`` with a cosine restart each round.
-      retrain_lr_scale: Han et al. retrain LeNets at 1/10 of the original rate.
+      learning_rate: dense learning rate (SGD, momentum 0.9, cosine decay); retraining uses
+        ``learning_rate * retrain_learning_rate_scale`` with a cosine restart each round.
+      retrain_learning_rate_scale: Han et al. retrain LeNets at 1/10 of the original rate.
       weight_decay: L2 coefficient, in training and retraining.
       batch_size: minibatch size.
       dropout: dropout rate on the inputs of the hidden dense layers after the first (0: none,
@@ -90,13 +92,13 @@ class Config:
     epochs: int = 30
     rounds: int = 6
     q: tuple[float, ...] = (1.0, 1.5, 1.9, 2.2, 2.4, 2.6)
-    keep: tuple[float | tuple[tuple[str, float], ...], ...] | None = None
+    sparsity: tuple[float | tuple[tuple[str, float], ...], ...] | None = None
     scope: str = "layer"
     ranking: str = "magnitude"
     q_scale: tuple[tuple[str, float], ...] = ()
     retrain_epochs: int = 10
-    lr: float = 0.1
-    retrain_lr_scale: float = 0.1
+    learning_rate: float = 0.1
+    retrain_learning_rate_scale: float = 0.1
     weight_decay: float = 5e-4
     batch_size: int = 128
     dropout: float = 0.0
@@ -119,14 +121,18 @@ class Config:
             raise ConfigError(f"{{seed}} must be an integer, got {self.seed!r}.")
         if not 0 <= self.seed < 2**31:
             raise ConfigError(f"{{seed}} must be in [0, 2**31), got {self.seed}.")
-        for name, low in (("lr", "> 0"), ("retrain_lr_scale", "> 0"), ("weight_decay", ">= 0")):
+        for name, low in (
+            ("learning_rate", "> 0"),
+            ("retrain_learning_rate_scale", "> 0"),
+            ("weight_decay", ">= 0"),
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)):
                 raise ConfigError(f"{{{name}}} must be finite and {low}, got {value}.")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{{dropout}} must be in [0, 1), got {self.dropout}.")
-        schedule: tuple[Any, ...] = self.keep if self.keep is not None else self.q
-        flag = "{keep}" if self.keep is not None else "{q}"
+        schedule: tuple[Any, ...] = self.sparsity if self.sparsity is not None else self.q
+        flag = "{sparsity}" if self.sparsity is not None else "{q}"
         if len(schedule) == 1:
             schedule = schedule * self.rounds
         if len(schedule) != self.rounds:
@@ -138,25 +144,25 @@ class Config:
             raise ConfigError(f"unknown {{scope}} {self.scope!r}; choose layer or global.")
         if self.ranking not in ("magnitude", "random"):
             raise ConfigError(f"unknown {{ranking}} {self.ranking!r}; choose magnitude or random.")
-        if self.keep is None and (self.scope != "layer" or self.ranking != "magnitude"):
-            raise ConfigError("{scope} and {ranking} apply to {keep}, not to Han's {q} rule.")
-        if self.keep is not None:
-            schedule = tuple(_keep_value(k, self.scope) for k in schedule)
-        if self.keep is None and not all(0 <= q < math.inf for q in schedule):
+        if self.sparsity is None and (self.scope != "layer" or self.ranking != "magnitude"):
+            raise ConfigError("{scope} and {ranking} apply to {sparsity}, not to Han's {q} rule.")
+        if self.sparsity is not None:
+            schedule = tuple(_sparsity_value(s, self.scope) for s in schedule)
+        if self.sparsity is None and not all(0 <= q < math.inf for q in schedule):
             raise ConfigError(f"{{q}} values must be finite and >= 0, got {schedule}.")
         if not all(0 <= f < math.inf for _, f in self.q_scale):
             raise ConfigError(
                 f"{{q_scale}} factors must be finite and >= 0, got {dict(self.q_scale)}."
             )
-        if self.q_scale and self.keep is not None:
-            raise ConfigError("{q_scale} applies to {q}, not to {keep}.")
-        if self.keep is not None:
-            return dataclasses.replace(self, keep=schedule)
+        if self.q_scale and self.sparsity is not None:
+            raise ConfigError("{q_scale} applies to {q}, not to {sparsity}.")
+        if self.sparsity is not None:
+            return dataclasses.replace(self, sparsity=schedule)
         return dataclasses.replace(self, q=tuple(float(v) for v in schedule))
 
 
-def _keep_value(value, scope: str) -> float | tuple[tuple[str, float], ...]:
-    """One round's ``keep``, checked: a fraction, or ``((layer, fraction), ...)`` per layer."""
+def _sparsity_value(value, scope: str) -> float | tuple[tuple[str, float], ...]:
+    """One round's ``sparsity``, checked: a fraction, or ``((layer, fraction), ...)`` per layer."""
     pairs: tuple[tuple[str, Any], ...]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         pairs, single = (("", value),), True
@@ -165,14 +171,16 @@ def _keep_value(value, scope: str) -> float | tuple[tuple[str, float], ...]:
             pairs, single = tuple((str(k), v) for k, v in value), False
         except (TypeError, ValueError):
             raise ConfigError(
-                f"{{keep}} values must be fractions or (layer, fraction) pairs, got {value!r}."
+                f"{{sparsity}} values must be fractions or (layer, fraction) pairs, got {value!r}."
             ) from None
         if scope != "layer":
-            raise ConfigError("{keep} per layer needs {scope} layer; global keeps one fraction.")
-    for _, k in pairs:
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
-            raise ConfigError(f"{{keep}} values must be fractions in (0, 1], got {value!r}.")
-    return float(pairs[0][1]) if single else tuple((name, float(k)) for name, k in pairs)
+            raise ConfigError(
+                "{sparsity} per layer needs {scope} layer; global prunes one fraction."
+            )
+    for _, s in pairs:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
+            raise ConfigError(f"{{sparsity}} values must be fractions in [0, 1), got {value!r}.")
+    return float(pairs[0][1]) if single else tuple((name, float(s)) for name, s in pairs)
 
 
 # Our reproduction of Han et al. on real MNIST: what ``jaxprune run --model M`` does unless told
@@ -184,7 +192,7 @@ RECIPES = {
     "lenet300": Config(
         model="lenet300",
         epochs=20,
-        lr=0.1,
+        learning_rate=0.1,
         rounds=12,
         q=(1.0, 1.5, 1.9, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6, 3.8),
         retrain_epochs=10,
@@ -192,12 +200,12 @@ RECIPES = {
     "lenet5": Config(
         model="lenet5",
         epochs=10,
-        lr=0.05,
+        learning_rate=0.05,
         dropout=0.5,
         rounds=9,
         q=(1.0, 1.6, 2.0, 2.3, 2.5, 2.6, 2.7, 2.9, 3.1),
         q_scale=(("conv1", 0.3), ("conv2", 0.6), ("fc2", 0.6)),
         retrain_epochs=6,
-        retrain_lr_scale=0.2,
+        retrain_learning_rate_scale=0.2,
     ),
 }

@@ -1,9 +1,10 @@
 """What the ``jaxprune`` command shows and writes: round lines, tables, plots, results entries.
 
 One name per quantity throughout: ``kept_fraction`` is the measured fraction of weights kept (in
-total, or ``kept_fraction_per_layer``), ``keep`` the fraction a ``--keep`` round asked for,
-``weights`` / ``weights_kept`` count prunable weights, ``accuracy`` is test accuracy and
-``retrain_lr`` the retraining learning rate (``lr * retrain_lr_scale``).
+total, or ``kept_fraction_per_layer``; shown as "kept %"), ``sparsity`` the target fraction pruned
+that a ``--sparsity`` round asked for, ``weights`` / ``weights_kept`` count prunable weights,
+``accuracy`` is test accuracy and ``retrain_learning_rate`` the retraining learning rate
+(``learning_rate * retrain_learning_rate_scale``).
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ def history_entry(record: RoundRecord, config: Config) -> dict[str, Any]:
     return {
         "round": record.round + 1,
         "q": record.q,
-        "keep": config.keep[record.round] if config.keep is not None else None,
+        "sparsity": config.sparsity[record.round] if config.sparsity is not None else None,
         "kept_fraction": record.kept_total,
         "kept_fraction_per_layer": record.kept,
         "accuracy": record.metric,
         "train_loss": record.train_loss,
-        "retrain_lr": config.lr * config.retrain_lr_scale,
+        "retrain_learning_rate": config.learning_rate * config.retrain_learning_rate_scale,
         "dropout_rates": record.dropout_rates,
     }
 
@@ -59,10 +60,12 @@ def round_line(record: RoundRecord, config: Config) -> str:
     """``round 2: q=1.4  kept 35.10%  (fc1 30.00%  fc2 ...)  error 3.10%``."""
     layers = "  ".join(f"{layer_of(p)} {pct(k)}" for p, k in record.kept.items())
     if record.q is None:
-        assert config.keep is not None  # a round without q ran a keep schedule
-        keep: Any = config.keep[record.round]
-        rule = "keep=" + (
-            f"{keep:g}" if isinstance(keep, float) else ", ".join(f"{k} {f:g}" for k, f in keep)
+        assert config.sparsity is not None  # a round without q ran a sparsity schedule
+        target: Any = config.sparsity[record.round]
+        rule = "sparsity=" + (
+            f"{target:g}"
+            if isinstance(target, float)
+            else ", ".join(f"{k} {s:g}" for k, s in target)
         )
         if config.ranking != "magnitude" or config.scope != "layer":
             rule += f" ({config.ranking}, {config.scope})"
@@ -78,7 +81,9 @@ def round_line(record: RoundRecord, config: Config) -> str:
 
 def layer_table(config: Config, summary: Any, last: RoundRecord) -> Table:
     """Han et al. 2015, Table 2 style: per layer weights, kept %, the q used, and the paper's."""
-    paper: dict[str, float] = recipes.PAPER[config.model]["kept"] if config.data_dir else {}
+    paper: dict[str, float] = (
+        recipes.PAPER[config.model]["kept_fraction_per_layer"] if config.data_dir else {}
+    )
     table = Table(title="Per-layer pruning (Han et al. 2015, Table 2 style)")
     for col in ("layer", "weights", "kept", "kept %", "q (last round)", "paper kept %"):
         table.add_column(col, justify="left" if col == "layer" else "right")

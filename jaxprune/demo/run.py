@@ -140,7 +140,7 @@ def train_dense(
     total = config.epochs * steps_per_epoch(config, data)
     tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(optax.cosine_decay_schedule(config.lr, total), momentum=0.9),
+        optax.sgd(optax.cosine_decay_schedule(config.learning_rate, total), momentum=0.9),
     )
     loss = make_loss(config)
     rates = {b: r for b, (r, _) in dropout_layers(config).items()}
@@ -160,11 +160,12 @@ def train_dense(
 def retrain_optimizer(config: Config, data: Dataset) -> optax.GradientTransformation:
     """The retraining optimizer of every round, and the template to restore its state from.
 
-    SGD with momentum at ``lr * retrain_lr_scale`` and a cosine schedule that restarts every round,
-    after Han et al.'s coupled L2 (``optax.add_decayed_weights``).
+    SGD with momentum at ``learning_rate * retrain_learning_rate_scale`` and a cosine schedule that
+    restarts every round, after Han et al.'s coupled L2 (``optax.add_decayed_weights``).
     """
     period = config.retrain_epochs * steps_per_epoch(config, data)
-    cosine = optax.cosine_decay_schedule(config.lr * config.retrain_lr_scale, period)
+    rate = config.learning_rate * config.retrain_learning_rate_scale
+    cosine = optax.cosine_decay_schedule(rate, period)
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay),
         optax.sgd(lambda count: cosine(count % period), momentum=0.9),
@@ -179,15 +180,15 @@ def rounds(
     resume: RoundsState | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> Iterator[RoundsState]:
-    """Han et al.'s steps 2-4: prune (``q * std`` or a kept fraction), retrain, repeat.
+    """Han et al.'s steps 2-4: prune (``q * std`` or a target sparsity), retrain, repeat.
 
     With ``config.ranking == 'random'`` each round's masks are drawn by :func:`random_masks` and
     everything else (retraining, dropout rule, seeds, batches) is as for magnitude pruning.
     """
     apply_fn = make_eval(config)
-    if config.keep is not None:
+    if config.sparsity is not None:
         schedule: dict[str, Any] = {
-            "sparsity": [_sparsity(k) for k in config.keep],
+            "sparsity": [_sparsity(s) for s in config.sparsity],
             "scope": config.scope,
         }
     elif config.q_scale:
@@ -223,14 +224,13 @@ def rounds(
         yield state
 
 
-def _sparsity(keep: float | tuple[tuple[str, float], ...]) -> float | dict[str, float]:
-    if isinstance(keep, float):
-        return 1.0 - keep
-    return {layer: 1.0 - k for layer, k in keep}
+def _sparsity(value: float | tuple[tuple[str, float], ...]) -> float | dict[str, float]:
+    """One round of ``config.sparsity`` as :func:`jaxprune.masks_for_sparsity` takes it."""
+    return value if isinstance(value, float) else dict(value)
 
 
 def random_masks(config: Config, params: PyTree, previous: PyTree | None, r: int) -> PyTree:
-    """Round ``r``'s masks for ``ranking='random'``: ``config.keep[r]``, survivors drawn at random.
+    """Round ``r``'s masks for ``ranking='random'``: ``config.sparsity[r]``, survivors drawn at random.
 
     Uniform scores in place of the weights, cut by :func:`jaxprune.masks_for_sparsity` with the
     same ``scope`` and ``previous``: each round keeps a uniformly random subset of the survivors
@@ -244,8 +244,10 @@ def random_masks(config: Config, params: PyTree, previous: PyTree | None, r: int
         for k, leaf in zip(keys, leaves, strict=True)
     ]
     scores = jax.tree.unflatten(treedef, scores)
-    assert config.keep is not None  # random ranking applies to keep schedules (Config checks)
-    sparsity = _sparsity(config.keep[r])
+    assert (
+        config.sparsity is not None
+    )  # random ranking applies to sparsity schedules (Config checks)
+    sparsity = _sparsity(config.sparsity[r])
     return masks_for_sparsity(scores, sparsity, scope=config.scope, previous=previous)
 
 
@@ -375,25 +377,25 @@ def check_q_scale(config: Config, data: Dataset) -> None:
         raise ConfigError(f"{{q_scale}} {dict(config.q_scale)}: {e}") from None
 
 
-def check_structured(config: Config, fraction: float) -> None:
-    """Raises :class:`ConfigError` unless ``structured(config, ..., fraction)`` can run."""
+def check_structured(config: Config, sparsity: float) -> None:
+    """Raises :class:`ConfigError` unless ``structured(config, ..., sparsity)`` can run."""
     if config.model != "lenet300":
         raise ConfigError("--structured supports --model lenet300 only.")
-    if not 0 < fraction < 1:
-        raise ConfigError(f"--structured must be a fraction in (0, 1), got {fraction}.")
+    if not 0 < sparsity < 1:
+        raise ConfigError(f"--structured must be a fraction in (0, 1), got {sparsity}.")
 
 
-def structured(config: Config, data: Dataset, dense: PyTree, fraction: float) -> dict[str, Any]:
+def structured(config: Config, data: Dataset, dense: PyTree, sparsity: float) -> dict[str, Any]:
     """Prunes whole hidden neurons of LeNet-300-100, retrains, shrinks, and times the result.
 
     Han et al. 2015 (Sec. 3.5) note the neuron count can be cut without retraining; this measures
     the accuracy cost before and after one round of retraining, and the dense speed-up of the
     physically smaller model.
     """
-    check_structured(config, fraction)
+    check_structured(config, sparsity)
     layers, activations = _chain(config)
     apply_fn = make_eval(config)
-    masks = neuron_masks(dense, fraction, layers=layers)
+    masks = neuron_masks(dense, sparsity, layers=layers)
     pruned = apply_masks(dense, masks)
     error_before = 1.0 - accuracy(apply_fn, pruned, data.x_test, data.y_test)
 
@@ -415,7 +417,7 @@ def structured(config: Config, data: Dataset, dense: PyTree, fraction: float) ->
     small_fn = jax.jit(lambda x: small.apply({"params": shrunk.params}, x))
     times = compare_times(full_fn, small_fn, data.x_train.shape[1:], (1, 64, 1024), 21)
     return {
-        "fraction": fraction,
+        "sparsity": sparsity,
         "hidden_before": shrunk.report.hidden_before,
         "hidden_after": shrunk.report.hidden_after,
         "widths": list(shrunk.widths),
@@ -429,7 +431,7 @@ def structured_line(result: dict[str, Any]) -> str:
     """One line for the command's output."""
     speed = ", ".join(f"batch {b} {r:.2f}x" for b, r in result["dense_time_ratio"].items())
     return (
-        f"structured: {result['fraction']:.0%} of hidden neurons pruned, "
+        f"structured: {result['sparsity']:.0%} of hidden neurons pruned, "
         f"{result['hidden_before']} -> {result['hidden_after']} hidden units; error "
         f"{100 * result['error_without_retraining']:.2f}% without retraining, "
         f"{100 * result['error_after_retraining']:.2f}% after; shrunk/original dense time: {speed}"
