@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from jaxprune._options import check_scalar, is_traced
 from jaxprune._placement import (
     as_mask_tree,
     check_pruned_finite,
@@ -74,20 +74,15 @@ _MASKED_STATES = (PruneGradientsState, KeepPrunedState)
 
 
 def _check_weight_decay(weight_decay: float) -> float:
-    if isinstance(weight_decay, jax.core.Tracer):
-        raise TypeError("weight_decay must be a Python float, got a traced value.")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float, np.number)):
-        raise TypeError(
-            f"weight_decay must be a real number, got {type(weight_decay).__name__}: "
-            f"{weight_decay!r}."
-        )
-    value = float(weight_decay)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"weight_decay must be a finite number >= 0, got {weight_decay!r}. It is the L2 "
-            "coefficient added to the surviving gradients (Han et al. 2015 retrain with L2)."
-        )
-    return value
+    """``weight_decay`` as a Python float, checked by the shared scalar rule (``>= 0``, finite).
+
+    Unlike ``q`` or ``sparsity`` it may not be traced: whether it is zero decides, before any
+    tracing, whether ``update`` needs the params.
+    """
+    if is_traced(weight_decay):
+        raise TypeError("weight_decay must be a concrete number, got a traced value.")
+    check_scalar(weight_decay, name="weight_decay", low=0.0, high=math.inf, closed_high=False)
+    return float(weight_decay)
 
 
 def _map_masked(fn: Callable[..., Any], updates: PyTree, masks: PyTree, *others: PyTree) -> PyTree:

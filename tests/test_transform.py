@@ -271,11 +271,18 @@ def test_masks_from_nnx_state_match_pure_arrays():
 # --- bad input -----------------------------------------------------------------------------------
 
 
-def test_negative_weight_decay_is_rejected():
-    with pytest.raises(ValueError, match=r"weight_decay must be a finite number >= 0, got -0.1"):
-        prune_gradients({"w": jnp.ones((2, 2), bool)}, weight_decay=-0.1)
-    with pytest.raises(ValueError, match=r"weight_decay must be a finite number >= 0, got nan"):
-        keep_pruned(optax.sgd(0.1), {"w": jnp.ones((2, 2), bool)}, weight_decay=float("nan"))
+def test_a_bad_weight_decay_is_rejected():
+    masks = {"w": jnp.ones((2, 2), bool)}
+    expected = r"weight_decay must be finite and in \[0.0, inf\), got "
+    with pytest.raises(ValueError, match=expected + "-0.1"):
+        prune_gradients(masks, weight_decay=-0.1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=expected + f"{bad}"):
+            keep_pruned(optax.sgd(0.1), masks, weight_decay=bad)
+    with pytest.raises(TypeError, match=r"weight_decay must be a real number, got str: '0.1'"):
+        prune_gradients(masks, weight_decay="0.1")
+    with pytest.raises(TypeError, match=r"weight_decay must be a concrete number, got a traced"):
+        jax.jit(lambda wd: prune_gradients(masks, weight_decay=wd))(0.1)
 
 
 def test_non_bool_mask_names_the_leaf():
