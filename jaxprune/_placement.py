@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprune._options import is_traced
 from jaxprune._tree import PyTree, check_mask_leaves, check_masks, is_array, leaves_with_paths
 
 
@@ -41,10 +42,10 @@ def placed_like_params(masks: PyTree, params: PyTree) -> PyTree:
     def place(m: Any, p: Any) -> Any:
         if (
             isinstance(p, jax.Array)
-            and not isinstance(p, jax.core.Tracer)
+            and not is_traced(p)
             and p.committed
             and isinstance(m, jax.Array)
-            and not isinstance(m, jax.core.Tracer)
+            and not is_traced(m)
             and not m.committed
         ):
             return jax.device_put(m, p.sharding)
@@ -56,9 +57,9 @@ def placed_like_params(masks: PyTree, params: PyTree) -> PyTree:
 def check_pruned_finite(masks: PyTree, params: PyTree) -> None:
     # keep_pruned zeroes a pruned weight w with the update -w; for w = inf that gives NaN.
     for (path, m), p in zip(leaves_with_paths(masks), jax.tree.leaves(params), strict=True):
-        if m is True or not is_inexact_array(p) or isinstance(p, jax.core.Tracer):
+        if m is True or not is_inexact_array(p) or is_traced(p):
             continue
-        if isinstance(m, jax.core.Tracer):
+        if is_traced(m):
             continue
         if jax.device_get(jnp.any(~m & ~jnp.isfinite(p))):
             raise ValueError(
@@ -78,7 +79,7 @@ def regrown(old: PyTree, new: PyTree) -> list[tuple[str, int]]:
     for (path, o), n in zip(leaves_with_paths(old), jax.tree.leaves(new), strict=True):
         if not is_array(o):
             continue
-        if isinstance(o, jax.core.Tracer) or isinstance(n, jax.core.Tracer):
+        if is_traced(o) or is_traced(n):
             raise TypeError(
                 "update_masks checks that new_masks only prune further, which needs concrete "
                 "masks; call it outside jax.jit, or pass allow_regrow=True to skip the check."
@@ -97,7 +98,7 @@ def placed_like(new: Any, old: Any) -> Any:
     if not is_array(new):
         return new
     new = jnp.asarray(new, dtype=old.dtype if is_array(old) else bool)
-    if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
+    if isinstance(old, jax.Array) and not is_traced(old):
         if old.committed:
             new = jax.device_put(new, old.sharding)
         elif isinstance(new, jax.Array) and new.committed and len(new.sharding.device_set) == 1:

@@ -29,6 +29,7 @@ from jax.experimental.sparse import BCOO
 from jaxprune import _layouts, _native
 from jaxprune._apply import FormatSpec, SparseApply
 from jaxprune._hooks import Kernels, bcoo_paths, is_bcoo, linen_runner, nnx_runner
+from jaxprune._options import is_traced
 from jaxprune._tree import (
     PyTree,
     Stacked,
@@ -89,7 +90,7 @@ def to_bcoo(params: PyTree, masks: PyTree, *, where: Where | None = None) -> PyT
     def one(keypath: tuple, leaf: Any, mask: Any) -> Any:
         path = path_str(keypath)
         for name, value in (("params", leaf), ("masks", mask)):
-            if isinstance(value, jax.core.Tracer):
+            if is_traced(value):
                 raise TypeError(
                     f"{name}[{path!r}] is a tracer: to_bcoo needs concrete arrays, since the "
                     "number of kept weights sets the BCOO size. Call it outside jax.jit."
