@@ -116,8 +116,8 @@ def baseline_run(han_out: Path, results: dict, kind: str, resume: bool) -> list[
     history = [
         {
             "round": r.round + 1,
-            "kept_fraction": r.kept_total,
-            "kept_fraction_per_layer": r.kept,
+            "kept_fraction": r.kept_fraction,
+            "kept_fraction_per_layer": r.kept_fraction_per_layer,
             "accuracy": r.metric,
         }
         for r in states[-1].history

@@ -159,7 +159,7 @@ def han_rounds(data, params, state, *, seed, epochs, learning_rate, wd, reestima
     )
     for rounds_state in runs:
         acc = accuracy(rounds_state.params, rounds_state.model_state, data.x_test, data.y_test)
-        yield rounds_state.history[-1].kept_total, acc, rounds_state
+        yield rounds_state.history[-1].kept_fraction, acc, rounds_state
 
 
 def export_and_time(data, final, console, *, samples: int) -> dict:

@@ -41,8 +41,8 @@ class RoundRecord(NamedTuple):
     round: int
     q: float | dict[str, float] | None
     sparsity: float | None
-    kept: dict[str, float]
-    kept_total: float
+    kept_fraction_per_layer: dict[str, float]
+    kept_fraction: float
     train_loss: float
     metric: Any
     dropout_rates: dict[str, float]
@@ -234,12 +234,12 @@ def prune_and_retrain(
     >>> loss = lambda p, b, rng: jnp.mean((b @ p['kernel'] - 1.0) ** 2)
     >>> runs = prune_and_retrain(params, loss, lambda e: [x] * 5, lambda p: 0.0, rounds=2,
     ...                          optimizer=optax.sgd(0.01), sparsity=[0.5, 0.75])
-    >>> [h.kept_total for h in list(runs)[-1].history]
+    >>> [h.kept_fraction for h in list(runs)[-1].history]
     [0.5, 0.25]
     >>> runs = prune_and_retrain(params, loss, lambda e: [x] * 5, lambda p: 0.0, rounds=1,
     ...                          optimizer=optax.sgd(0.01), pattern=(1, 2))  # one-shot 1:2, retrained
     >>> record = list(runs)[-1].history[-1]
-    >>> record.kept_total, record.pattern
+    >>> record.kept_fraction, record.pattern
     (0.5, (1, 2))
     """
     _check_driver_args(q, sparsity, pattern, rounds, epochs)
@@ -319,8 +319,8 @@ def prune_and_retrain(
             round=r,
             q=q_r,
             sparsity=s_r,
-            kept={row.path: row.kept_fraction for row in summary.rows},
-            kept_total=summary.kept_fraction,
+            kept_fraction_per_layer={row.path: row.kept_fraction for row in summary.rows},
+            kept_fraction=summary.kept_fraction,
             train_loss=float(total_loss) / total_steps,
             metric=evaluate(params),
             dropout_rates=rates,

@@ -137,8 +137,8 @@ def test_round_lines_and_tables_name_nnx_layers_by_their_whole_path():
         round=0,
         q={"*": 1.0, "layers/0": 0.5},
         sparsity=None,
-        kept={"layers/0/kernel": 0.5, "layers/1/kernel": 0.25},
-        kept_total=0.4,
+        kept_fraction_per_layer={"layers/0/kernel": 0.5, "layers/1/kernel": 0.25},
+        kept_fraction=0.4,
         train_loss=0.1,
         metric=0.9,
         dropout_rates={},
@@ -151,7 +151,10 @@ def test_round_lines_and_tables_name_nnx_layers_by_their_whole_path():
     q_column = list(table.columns[4].cells)
     assert q_column[:2] == ["0.5", "1"]
     assert report.layer_of("layers/0/kernel") == "layers/0"
-    assert report.history_entry(record, config)["kept_fraction_per_layer"] == record.kept
+    assert (
+        report.history_entry(record, config)["kept_fraction_per_layer"]
+        == record.kept_fraction_per_layer
+    )
 
 
 def test_sparsity_rounds_are_named_by_the_fraction_asked_for():
@@ -160,8 +163,8 @@ def test_sparsity_rounds_are_named_by_the_fraction_asked_for():
         round=0,
         q=None,
         sparsity=0.7,
-        kept={"fc1/kernel": 0.3},
-        kept_total=0.3,
+        kept_fraction_per_layer={"fc1/kernel": 0.3},
+        kept_fraction=0.3,
         train_loss=0.1,
         metric=0.9,
         dropout_rates={},

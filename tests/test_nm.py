@@ -327,10 +327,10 @@ def test_driver_reaches_the_pattern_without_reviving(kwargs, kept):
     counts = group_counts(last.masks["fc"]["kernel"], 0, 4)
     assert counts.max() <= 2 and last.history[-1].pattern == (2, 4)
     if isinstance(kept, list):  # N:M alone: exactly n per group
-        assert [h.kept_total for h in last.history] == kept
+        assert [h.kept_fraction for h in last.history] == kept
         assert (counts == 2).all()
     else:  # after an unstructured cut a group may hold fewer than n
-        assert last.history[-1].kept_total <= kept
+        assert last.history[-1].kept_fraction <= kept
 
 
 def test_driver_pattern_errors():

@@ -295,7 +295,7 @@ def test_driver_prunes_more_each_round_and_records_history(kind, qs):
     assert [s.round for s in states] == list(range(1, len(qs) + 1))
     history = states[-1].history
     assert [h.q for h in history] == qs
-    kept = [h.kept_total for h in history]
+    kept = [h.kept_fraction for h in history]
     assert all(a > b for a, b in itertools.pairwise(kept)) and kept[-1] > 0.0
     final = states[-1]
     counts = connection_counts(final.masks)
@@ -336,7 +336,9 @@ def test_driver_resume_reproduces_the_uninterrupted_run():
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed[-1].params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert [h.kept for h in full.history] == [h.kept for h in resumed[-1].history]
+    assert [h.kept_fraction_per_layer for h in full.history] == [
+        h.kept_fraction_per_layer for h in resumed[-1].history
+    ]
 
 
 def test_driver_bad_arguments():

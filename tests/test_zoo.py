@@ -200,10 +200,12 @@ def test_prune_and_retrain_keeps_every_slice_at_its_target():
         stacked={"layers": 0},
     )
     path = "layers/Dense_0/kernel"
-    assert [sorted(r.kept) for r in last.history] == [[f"{path}[{i}]" for i in range(3)]] * 2
+    assert [sorted(r.kept_fraction_per_layer) for r in last.history] == [
+        [f"{path}[{i}]" for i in range(3)]
+    ] * 2
     for i in range(3):
-        assert last.history[0].kept[f"{path}[{i}]"] == pytest.approx(0.5)
-        assert last.history[1].kept[f"{path}[{i}]"] == pytest.approx(0.2)
+        assert last.history[0].kept_fraction_per_layer[f"{path}[{i}]"] == pytest.approx(0.5)
+        assert last.history[1].kept_fraction_per_layer[f"{path}[{i}]"] == pytest.approx(0.2)
     w = np.asarray(last.params["layers"]["Dense_0"]["kernel"])
     assert np.all(w[~np.asarray(last.masks["layers"]["Dense_0"]["kernel"])] == 0.0)
 

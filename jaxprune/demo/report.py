@@ -47,8 +47,8 @@ def history_entry(record: RoundRecord, config: Config) -> dict[str, Any]:
         "round": record.round + 1,
         "q": record.q,
         "sparsity": config.sparsity[record.round] if config.sparsity is not None else None,
-        "kept_fraction": record.kept_total,
-        "kept_fraction_per_layer": record.kept,
+        "kept_fraction": record.kept_fraction,
+        "kept_fraction_per_layer": record.kept_fraction_per_layer,
         "accuracy": record.metric,
         "train_loss": record.train_loss,
         "retrain_learning_rate": config.learning_rate * config.retrain_learning_rate_scale,
@@ -58,7 +58,7 @@ def history_entry(record: RoundRecord, config: Config) -> dict[str, Any]:
 
 def round_line(record: RoundRecord, config: Config) -> str:
     """``round 2: q=1.4  kept 35.10%  (fc1 30.00%  fc2 ...)  error 3.10%``."""
-    layers = "  ".join(f"{layer_of(p)} {pct(k)}" for p, k in record.kept.items())
+    layers = "  ".join(f"{layer_of(p)} {pct(k)}" for p, k in record.kept_fraction_per_layer.items())
     if record.q is None:
         assert config.sparsity is not None  # a round without q ran a sparsity schedule
         target: Any = config.sparsity[record.round]
@@ -74,7 +74,7 @@ def round_line(record: RoundRecord, config: Config) -> str:
     else:
         rule = f"q={record.q:g}"
     return (
-        f"round {record.round + 1}: {rule}  kept {pct(record.kept_total)}  ({layers})  "
+        f"round {record.round + 1}: {rule}  kept {pct(record.kept_fraction)}  ({layers})  "
         f"error {pct(1 - record.metric)}"
     )
 
