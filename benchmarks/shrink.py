@@ -1,6 +1,6 @@
 """Physically smaller LeNet-300-100: accuracy and dense inference time after removing neurons.
 
-Han et al. 2015 (Sec. 3.4) note that pruning leaves neurons that can be removed outright. This
+Han et al. 2015 (Sec. 3.5) note that pruning leaves neurons that can be removed outright. This
 script trains LeNet-300-100 briefly and compares, side by side in one run:
 
 - ``neuron50``: half of each hidden layer's neurons pruned by :func:`jaxprune.structured.neuron_masks`
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     params = _train(trainer, params, keep_all, data, learning_rate=1e-3, epochs=epochs, **train)
     acc = {"dense": _accuracy(apply, params, data)}
 
-    # Half the hidden neurons, without and with retraining (Han et al. 2015, Sec. 3.4).
+    # Half the hidden neurons, without and with retraining (Han et al. 2015, Sec. 3.5).
     for score in ("incoming", "outgoing", "both"):
         m = neuron_masks(params, 0.5, layers=LAYERS, score=score)
         acc[f"neuron50 {score}, no retrain"] = _accuracy(apply, apply_masks(params, m), data)

@@ -58,7 +58,7 @@ def retrain_state(
 
     Args:
       params: the parameters to retrain (usually after :func:`jaxprune.masks.apply_masks`).
-      tx: the optimizer, e.g. ``keep_pruned(optax.sgd(lr, momentum=0.9), masks)``.
+      tx: the optimizer, e.g. ``keep_pruned(optax.sgd(learning_rate, momentum=0.9), masks)``.
       rng: a JAX PRNG key; step ``i`` uses ``jax.random.fold_in(rng, i)`` (dropout).
       model_state: the model's state that is not trained by gradients but changes as it runs:
         Linen's other collections (``{'batch_stats': ...}``, whatever ``mutable=`` returns) or

@@ -156,8 +156,8 @@ def prune_and_retrain(
     by :func:`jaxprune.dropout_rate`, and the survivors are retrained for ``epochs`` epochs with
     ``keep_pruned(optimizer, masks)``. ``optimizer`` is any optax transformation and carries the
     retraining learning rate: Han et al. retrain at 1/10 of the original rate with a coupled L2
-    term, ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr / 10, momentum=0.9))``. The
-    optimizer state is carried across rounds with new masks swapped in by
+    term, ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(learning_rate / 10,
+    momentum=0.9))``. The optimizer state is carried across rounds with new masks swapped in by
     :func:`jaxprune.transform.update_masks`, so the step compiles once per distinct set of
     dropout rates, not once per round; carried momentum cannot regrow pruned weights.
 

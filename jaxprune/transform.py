@@ -267,7 +267,7 @@ def keep_pruned(
     schedules, ``clip_by_global_norm``, ``MultiSteps``, ``inject_hyperparams``) keeps it so: they
     stay exactly ``+0.0`` wherever ``keep_pruned`` is. Only the ``-w`` of a pruned weight that is
     not zero yet needs ``keep_pruned`` to be outermost; elsewhere a later scale would shrink it
-    to ``(1 - lr) * w``. So when masks change, zero the newly pruned weights with
+    to ``(1 - learning_rate) * w``. So when masks change, zero the newly pruned weights with
     :func:`jaxprune.apply_masks` (:func:`jaxprune.prune_and_retrain` does it for you). If a
     pruned weight is still non-zero one update after its ``-w``, the mistake is never silent:
     an eager ``update`` raises at once, and under ``jax.jit`` the state records it and
@@ -276,7 +276,7 @@ def keep_pruned(
     inside the step would cost a round trip to the host every step.)
 
     Args:
-      inner: the optimizer to wrap, e.g. ``optax.sgd(lr, momentum=0.9)`` or ``optax.adamw(lr)``.
+      inner: the optimizer to wrap, e.g. ``optax.sgd(learning_rate, momentum=0.9)`` or ``optax.adamw(learning_rate)``.
       masks: a mask tree matching the params (see :func:`jaxprune.masks.compute_masks`).
       weight_decay: the L2 coefficient, ``>= 0``, added to the surviving gradients before
         ``inner``. Leave it at ``0`` for optimizers with their own decoupled decay (AdamW).
