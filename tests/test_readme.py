@@ -77,3 +77,24 @@ def test_your_own_model_runs():
         assert np.all(np.asarray(w)[~np.asarray(mask)] == 0.0), path
     assert last.model_state is not None
     np.testing.assert_allclose(scope["apply"](x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_module_map_names_every_module_and_only_modules_that_exist():
+    text = README.read_text()
+    table = text[text.index("## What each piece does") :].split("\n\n")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `jaxprune")]
+    names = set(re.findall(r"`([A-Za-z_.]+)`", "\n".join(rows)))
+    package = README.parent / "jaxprune"
+    demo_row = next(row for row in rows if row.startswith("| `jaxprune.demo`"))
+    for path in sorted(package.rglob("*.py")):
+        module = path.relative_to(package).with_suffix("").parts
+        if module[-1] in ("__init__", "__main__"):
+            continue
+        if module[0] == "demo":
+            assert f"`{module[-1]}`" in demo_row, path
+        else:
+            assert module[-1] in names or f"jaxprune.{module[-1]}" in names, path
+    for name in names:
+        if name.startswith("jaxprune."):
+            module = name.removeprefix("jaxprune.")
+            assert (package / f"{module}.py").exists() or (package / module).is_dir(), name
