@@ -10,12 +10,10 @@ measurement (``measure.Load``; 2 cores here; load from other jobs moves small-mo
 overhead of the sparse path more than its gains.
 
 Run ``python benchmarks/sparse_transformer.py`` (about a minute) or ``--quick``. Measured here
-(jax 0.10.2, 2 cores, load 1.5-2.0 cores busy, i.e. shared with another job), auto / bcsr:
-Linen plain 0.94-1.03 / 0.98-1.13, Linen scan 0.94-1.03 / 1.24-2.14, NNX plain 0.59-0.89 /
-0.72-0.94, NNX scan 0.67-0.92 / 1.18-1.56 (auto keeps these small layers dense; the NNX dense
-reference pays nnx.State flattening per call, which SparseApply does once). Those load figures
-counted every busy core, this process's own included; the column now counts other processes
-only, so they are not comparable with it.
+with the native CSR kernel in the rule (jax 0.10.2, 2 cores, other processes 0.0-1.0 cores),
+auto / bcsr: Linen plain 0.55-0.81 / 0.62-0.74, Linen scan 0.70-0.74 / 0.99-1.69, NNX plain
+0.42-0.61 / 0.47-0.60, NNX scan 0.50-0.71 / 0.70-1.23 (the NNX dense reference pays nnx.State
+flattening per call, which SparseApply does once). One run; treat each figure as +-20%.
 """
 
 from __future__ import annotations
