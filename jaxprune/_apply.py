@@ -184,7 +184,7 @@ class SparseApply:
             }
         )
 
-    def _prepare(self, key: tuple) -> _Prepared:
+    def _compile(self, key: tuple) -> _Prepared:
         calls = self._calls(jax.ShapeDtypeStruct(*key))
         rule = self._rule(calls)
         plan = {}
@@ -214,7 +214,7 @@ class SparseApply:
     def _get(self, x: Any) -> _Prepared:
         key = (tuple(x.shape), jnp.dtype(x.dtype))
         prepared = self._prepared.get(key)
-        return self._prepare(key) if prepared is None else prepared
+        return self._compile(key) if prepared is None else prepared
 
     def plan(self, x: Any) -> dict[str, str]:
         """The layout each pruned kernel uses for inputs shaped like ``x``.

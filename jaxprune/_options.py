@@ -52,6 +52,11 @@ def check_count(value: Any, *, name: str, low: int = 1) -> int:
 
 
 def layer_of(path: str) -> str:
+    """The layer a leaf belongs to: its path minus the last key, as ``compute_masks`` names layers.
+
+    >>> layer_of("fc1/kernel"), layer_of("layers/0/kernel"), layer_of("kernel")
+    ('fc1', 'layers/0', 'kernel')
+    """
     return path.rsplit("/", 1)[0] if "/" in path else path
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from jaxprune._options import layer_of
 from jaxprune.analysis import sensitivity as sensitivity_scan
 from jaxprune.demo import recipes, run
 from jaxprune.demo.checkpoints import q_of
@@ -26,15 +27,6 @@ from jaxprune.rounds import RoundRecord
 # The scan costs (layers x grid) evaluations: a 2,000-image slice of the test set keeps it short.
 SENSITIVITY_IMAGES = 2000
 SENSITIVITY_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
-
-
-def layer_of(path: str) -> str:
-    """The layer a leaf belongs to: its path minus the last key, as ``compute_masks`` names layers.
-
-    >>> layer_of("fc1/kernel"), layer_of("layers/0/kernel"), layer_of("kernel")
-    ('fc1', 'layers/0', 'kernel')
-    """
-    return path.rsplit("/", 1)[0] if "/" in path else path
 
 
 def pct(x: float) -> str:
