@@ -46,13 +46,14 @@ SPARSE_FORMATS = ("bcoo", "bcsr", "ell", "csr")
 # unless every layer can (see choose_plan).
 # A single row on a large layer: the gather layout streams the weights once; 0.3-0.55x dense at
 # 5-10% density, 0.93x at 20%.
-# Up to 256 rows BCSR wins to about 10% density; beyond, only near 1-3%.
+# Up to 256 rows BCSR wins to about 10% density. At 1024 rows it ran 0.44-0.74x dense at 5% on
+# LeNet-300-100 and a 4096x4096 layer (4 quiet runs, both dispatch modes) but 0.65-1.18x at 8%.
 SMALL_BATCH_ROWS = 8
 LARGE_LAYER_SIZE = 1 << 20
 ELL_MAX_DENSITY = 0.12
 BCSR_MAX_ROWS = 256
 BCSR_MAX_DENSITY = 0.12
-BCSR_LARGE_BATCH_MAX_DENSITY = 0.03
+BCSR_LARGE_BATCH_MAX_DENSITY = 0.06
 # Where the native CSR kernel can run (float32 inputs; _native.available()), it wins at small
 # batch: per layer 0.13-0.7x dense at 1 and 8 rows on 784x300 to 4096x4096 layers at 5-20%
 # density (BCSR 0.16-2.9x, the gather layout 0.46-2.6x there), 0.65-0.98x at 35%; from 64 rows

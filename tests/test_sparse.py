@@ -414,7 +414,10 @@ def test_auto_plan_picks_dense_when_dense_and_sparse_when_sparse(xla_only):
         assert dense_apply.plan(jnp.ones((batch, 1024))) == {"kernel": "dense"}
     assert sparse.plan(jnp.ones((1, 1024))) == {"kernel": "ell"}
     assert sparse.plan(jnp.ones((64, 1024))) == {"kernel": "bcsr"}
-    assert sparse.plan(jnp.ones((1024, 1024))) == {"kernel": "dense"}
+    assert sparse.plan(jnp.ones((1024, 1024))) == {"kernel": "bcsr"}  # 5%: BCSR at any batch
+    middling = sparse_apply(model, to_bcoo(params, _random_masks(params, keep=0.1)))
+    assert middling.plan(jnp.ones((64, 1024))) == {"kernel": "bcsr"}
+    assert middling.plan(jnp.ones((1024, 1024))) == {"kernel": "dense"}
     assert sparse.nbytes(jnp.ones((1, 1024))) < 0.2 * 1024 * 1024 * 4
     small = nn.Dense(100)  # 784 x 100 weights, all sparse: BCSR at batch 1 too
     params, _ = _linen(small, (784,))
