@@ -85,7 +85,7 @@ def test_float_masks_are_refused_at_the_factory_before_any_params():
     [
         ("0.1", TypeError, r"weight_decay must be a real number, got str"),
         (True, TypeError, r"weight_decay must be a real number, got bool"),
-        (-1.0, ValueError, r"weight_decay must be a finite number >= 0"),
+        (-1.0, ValueError, r"weight_decay must be finite and in \[0\.0, inf\), got -1\.0"),
     ],
 )
 def test_weight_decay_type_and_value_errors(weight_decay, err, match):

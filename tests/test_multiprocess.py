@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+# Two and three JAX processes started and joined (about 30 s): in CI's slow step.
+pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TESTS = Path(__file__).resolve().parent

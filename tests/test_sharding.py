@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# One 4-device subprocess runs every script here (about a minute): in CI's slow step.
+pytestmark = pytest.mark.slow
+
 SCRIPT = textwrap.dedent(
     """
     import sys
