@@ -1,9 +1,10 @@
 """The exact ranking behind ``masks_for_sparsity``: the ``k`` smallest magnitudes, without sorting.
 
 Each weight's key is the int32 bit pattern of its float32 magnitude (which orders like the value),
-``-1`` where already pruned; bisection on counts finds the threshold key, then a second bisection
-on position splits the ties at it, so the result is the stable sort's (earlier entry pruned first)
-while only reductions run: sharded leaves stay sharded.
+``-1`` where already pruned; bisection on counts finds the threshold key (on large layers starting
+from the bracket that two quantiles of a strided sample give, checked by one counting pass), then
+a second bisection on position splits the ties at it, so the result is the stable sort's (earlier
+entry pruned first) while only reductions run: sharded leaves stay sharded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import numpy as np
 
 _PRUNED_KEY = -1  # below the key of every weight, so already pruned connections go first
 _KEY_MAX = np.iinfo(np.int32).max
+_KEY_TOP = 0x7F800000  # the key of inf: above every finite magnitude's
+_SAMPLE_FROM = 2**16  # ranked slices at least this large start from a sample's quantiles
+_SAMPLE_MAX = 2**16
 
 
 def _keys(leaf: jax.Array, prev: jax.Array | None) -> jax.Array:
@@ -39,9 +43,18 @@ def _positions(shape: tuple[int, ...], axis: int | None) -> jax.Array:
 
 
 def _count(x: jax.Array, axis: int | None) -> jax.Array:
-    """Counts ``True`` entries per layer: a scalar, or one count per slice along ``axis``."""
-    others = tuple(d for d in range(x.ndim) if d != axis)
-    return jnp.sum(x, axis=others, dtype=jnp.int32)
+    """Counts ``True`` entries per layer: a scalar, or one count per slice along ``axis``.
+
+    Where a dimension splits into groups of 16, those are summed as uint8 first: XLA on CPU
+    vectorises that reduction and not an int32 one over everything (about 4x faster). Only
+    dimensions of a multiple of 256 are split, so the outer part stays shardable as before.
+    """
+    others = [d for d in range(x.ndim) if d != axis]
+    split = next((d for d in others if x.shape[d] % 256 == 0), None)
+    if split is not None:
+        x = x.reshape(*x.shape[:split], x.shape[split] // 16, 16, *x.shape[split + 1 :])
+        x = jnp.sum(x, axis=split + 1, dtype=jnp.uint8)  # same rank and axis as before
+    return jnp.sum(x, axis=tuple(others), dtype=jnp.int32)
 
 
 def _column(t: jax.Array, ndim: int, axis: int | None) -> jax.Array:
@@ -73,6 +86,61 @@ def _bisect(count_at, lo: jax.Array, hi: jax.Array, target: jax.Array) -> jax.Ar
     return jax.lax.while_loop(wider, body, (lo, hi))[1]
 
 
+def _sample_keys(
+    leaves: tuple[jax.Array, ...],
+    prevs: tuple[jax.Array | None, ...],
+    axis: int | None,
+    size: int,
+) -> jax.Array:
+    """Keys of a strided sample of about ``size`` entries per ranked slice, sorted: ``(slices, m)``."""
+    total = sum(math.prod(x.shape) for x in leaves)
+    parts = []
+    for x, p in zip(leaves, prevs, strict=True):
+        dims = [d for d in range(x.ndim) if d != axis]
+        n = math.prod(x.shape[d] for d in dims)
+        want = max(1, size * math.prod(x.shape) // total)
+        step = max(1, math.floor((n / want) ** (1 / max(len(dims), 1))))
+        index = tuple(slice(None) if d == axis else slice(None, None, step) for d in range(x.ndim))
+        key = _keys(x[index], None if p is None else p[index])
+        key = key.reshape(1, -1) if axis is None else jnp.moveaxis(key, axis, 0)
+        parts.append(key.reshape(key.shape[0], -1))
+    return jnp.sort(jnp.concatenate(parts, axis=1), axis=1)
+
+
+def _start(
+    leaves: tuple[jax.Array, ...],
+    prevs: tuple[jax.Array | None, ...],
+    axis: int | None,
+    n: int,
+    target: jax.Array,
+    count_pair,
+) -> tuple[jax.Array, jax.Array]:
+    """Keys ``(lo, hi)`` with ``count(lo) < target <= count(hi)``, elementwise.
+
+    The whole key range, narrowed where ``n`` is large by one counting pass at two keys of a
+    strided sample, a few standard deviations of its rank either side of the target quantile:
+    about 12 fewer bisection passes on smooth data, none lost when the sample misleads.
+    """
+    lo = jnp.full(target.shape, _PRUNED_KEY - 1, jnp.int32)
+    hi = jnp.full(target.shape, _KEY_TOP, jnp.int32)
+    if n < _SAMPLE_FROM:
+        return lo, hi
+    sample = _sample_keys(leaves, prevs, axis, min(_SAMPLE_MAX, 8 * math.isqrt(n)))
+    m = sample.shape[1]
+    p = jnp.clip(target.astype(jnp.float32) / n, 0.0, 1.0)
+    margin = 4.0 * jnp.sqrt(m * p * (1.0 - p)) + 2.0
+    at = jnp.stack([p * m - margin, p * m + margin], -1)
+    at = jnp.clip(at, 0, m - 1).astype(jnp.int32).reshape(-1, 2)
+    ac = jnp.take_along_axis(sample, at, axis=1).reshape(*target.shape, 2)
+    a, c = ac[..., 0], ac[..., 1]  # a <= c: the sample is sorted
+    count_a, count_c = count_pair(a, c)
+    above, inside = count_c < target, count_a < target
+    return (
+        jnp.where(above, c, jnp.where(inside, a, lo)),
+        jnp.where(above, hi, jnp.where(inside, c, a)),
+    )
+
+
 def _ranked_keep(
     leaves: tuple[jax.Array, ...],
     prevs: tuple[jax.Array | None, ...],
@@ -87,7 +155,6 @@ def _ranked_keep(
     it), so nothing is sorted and sharded leaves need only reductions.
     """
     keys = [_keys(x, p) for x, p in zip(leaves, prevs, strict=True)]
-    shape = jnp.shape(n_pruned)
 
     def count_at(t, compare):
         # Keys recomputed per pass behind a barrier tied to t: hoisted out of the loop, XLA
@@ -98,10 +165,21 @@ def _ranked_keep(
             for x, p, a in zip(xs, ps, axes, strict=True)
         )
 
-    low = jnp.full(shape, _PRUNED_KEY - 1, jnp.int32)
-    threshold = _bisect(
-        lambda t: count_at(t, jnp.less_equal), low, jnp.full(shape, _KEY_MAX), n_pruned
-    )
+    def count_pair(a, c):
+        xs, ps, a, c = jax.lax.optimization_barrier((leaves, prevs, a, c))
+        counts = [
+            (
+                _count(key <= _column(a, x.ndim, ax), ax),
+                _count(key <= _column(c, x.ndim, ax), ax),
+            )
+            for key, x, ax in ((_keys(x, p), x, ax) for x, p, ax in zip(xs, ps, axes, strict=True))
+        ]
+        return sum(ca for ca, _ in counts), sum(cc for _, cc in counts)
+
+    axis = axes[0] if len(leaves) == 1 else None
+    n = sum(math.prod(x.shape) for x in leaves) // (1 if axis is None else leaves[0].shape[axis])
+    lo, hi = _start(leaves, prevs, axis, n, n_pruned, count_pair)
+    threshold = _bisect(lambda t: count_at(t, jnp.less_equal), lo, hi, n_pruned)
     below = count_at(threshold, jnp.less)
     need = n_pruned - below  # entries equal to the threshold still to prune, in rank order
     out = []

@@ -188,3 +188,49 @@ def test_jit_and_vmap_over_the_sparsity_compile_once():
     assert [int(kept(params, s)) for s in (0.25, 0.5)] == [48, 32] and len(traces) == 1
     grid = jax.vmap(lambda s: jaxprune.masks_for_sparsity(params, s)["Dense_0"]["kernel"].sum())
     assert np.asarray(grid(np.array([0.0, 0.5, 0.9], np.float32))).tolist() == [64, 32, 6]
+
+
+# --- large layers: the sampled start and the grouped counts --------------------------------------
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    sparsities,
+    st.sampled_from(["normal", "few values", "tiny"]),
+    st.sampled_from(["layer", "global", "stacked"]),
+    st.booleans(),
+)
+def test_large_layers_equal_the_sorting_reference(seed, sparsity, kind, scope, with_previous):
+    # 2**16 weights or more per ranked slice start from a sample's quantiles; dimensions of a
+    # multiple of 256 are counted in uint8 groups. Ties (few values) and a misleading sample
+    # (tiny magnitudes, previous masks) must not change the answer.
+    rng = np.random.default_rng(seed)
+    shape = (2, 256, 256) if scope == "stacked" else (256, 384)
+    kernel = rng.normal(size=shape)
+    if kind == "few values":
+        kernel = np.round(kernel * 2) / 2
+    elif kind == "tiny":
+        kernel = kernel * 1e-35
+    kernel = kernel.astype(np.float32)
+    previous = rng.random(shape) > 0.25 if with_previous else np.ones(shape, bool)
+    if scope == "stacked":
+        got = jaxprune.masks_for_sparsity(
+            {"layers": {"kernel": kernel}},
+            sparsity,
+            previous={"layers": {"kernel": previous}},
+            stacked={"layers": 0},
+        )["layers"]["kernel"]
+        (want,) = reference_masks([kernel], sparsity, "layer", [previous], axis=0)
+        assert np.array_equal(np.asarray(got), want)
+        return
+    kernels = [kernel, kernel[:, :100] * 3]
+    params = params_of(kernels)
+    prev_tree = jax.tree.map(lambda x: np.ones(x.shape, bool), params)
+    prevs = [previous, previous[:, :100]]
+    for i, p in enumerate(prevs):
+        prev_tree[f"Dense_{i}"]["kernel"] = p
+    masks = jaxprune.masks_for_sparsity(params, sparsity, scope=scope, previous=prev_tree)
+    want = reference_masks(kernels, sparsity, scope, prevs)
+    for g, w in zip(kernel_masks(masks, 2), want, strict=True):
+        assert np.array_equal(g, w)
