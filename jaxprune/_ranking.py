@@ -9,6 +9,7 @@ entry pruned first) while only reductions run: sharded leaves stay sharded.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -180,32 +181,43 @@ def _ranked_keep(
     n = sum(math.prod(x.shape) for x in leaves) // (1 if axis is None else leaves[0].shape[axis])
     lo, hi = _start(leaves, prevs, axis, n, n_pruned, count_pair)
     threshold = _bisect(lambda t: count_at(t, jnp.less_equal), lo, hi, n_pruned)
-    below = count_at(threshold, jnp.less)
+    # One pass for both: the entries below the threshold and the ties at it, per leaf.
+    xs, ps, t = jax.lax.optimization_barrier((leaves, prevs, threshold))
+    key_ts = [(_keys(x, p), _column(t, x.ndim, a)) for x, p, a in zip(xs, ps, axes, strict=True)]
+    tie_counts = [_count(k == kt, a) for (k, kt), a in zip(key_ts, axes, strict=True)]
+    below = sum(_count(k < kt, a) for (k, kt), a in zip(key_ts, axes, strict=True))
     need = n_pruned - below  # entries equal to the threshold still to prune, in rank order
     out = []
-    for key, axis in zip(keys, axes, strict=True):
-        t = _column(threshold, key.ndim, axis)
-        tied = key == t
-        ties = _count(tied, axis)
+    for x, p, key, axis, ties in zip(leaves, prevs, keys, axes, tie_counts, strict=True):
         take = jnp.clip(need, 0, ties)
         need = need - take
-        pos = _positions(key.shape, axis)
         size = math.prod(key.shape) // (1 if axis is None else key.shape[axis])
-        # The position cut: the first `take` ties (in position order) are pruned. Skipped
-        # (bounds already adjacent) where no tie or every tie is pruned.
+        # The position cut: the first `take` ties (in position order) are pruned. Searched only
+        # where some tie is pruned and some kept; otherwise it is 0 or past every entry.
         partial = (take > 0) & (take < ties)
         hi = jnp.where(take == 0, 0, size)
-        cut = _bisect(
-            lambda p, tied=tied, pos=pos, axis=axis: _count(
-                tied & (pos < _column(p, tied.ndim, axis)), axis
-            ),
-            jnp.where(partial, -1, hi - 1),
-            hi,
-            take,
+        cut = jax.lax.cond(
+            jnp.any(partial),
+            functools.partial(_tie_cut, x, p, threshold, axis, partial, hi, take),
+            lambda hi=hi: hi,
         )
-        pruned = (key < t) | (tied & (pos < _column(cut, key.ndim, axis)))
+        t = _column(threshold, key.ndim, axis)
+        pos = _positions(key.shape, axis)
+        pruned = (key < t) | ((key == t) & (pos < _column(cut, key.ndim, axis)))
         out.append(~pruned)
     return tuple(out)
+
+
+def _tie_cut(x, prev, threshold, axis, partial, hi, take) -> jax.Array:
+    """The smallest position ``c`` with ``take`` ties before it, where ``partial``; else ``hi``."""
+
+    def count_before(c):
+        xs, ps, t, c = jax.lax.optimization_barrier((x, prev, threshold, c))
+        key = _keys(xs, ps)
+        tied = key == _column(t, key.ndim, axis)
+        return _count(tied & (_positions(key.shape, axis) < _column(c, key.ndim, axis)), axis)
+
+    return _bisect(count_before, jnp.where(partial, -1, hi - 1), hi, take)
 
 
 ranked_keep = jax.jit(_ranked_keep, static_argnames="axes")
