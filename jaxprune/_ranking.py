@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,49 @@ def _sample_keys(
     return jnp.sort(jnp.concatenate(parts, axis=1), axis=1)
 
 
+class _Bracket(NamedTuple):
+    """Keys with ``count(lo) < target <= count(hi)``, and those counts, elementwise."""
+
+    lo: jax.Array
+    hi: jax.Array
+    count_lo: jax.Array
+    count_hi: jax.Array
+
+
+def _narrowed(b: _Bracket, a, c, count_pair, target: jax.Array) -> _Bracket:
+    """The bracket after counting at keys ``lo < a <= c < hi`` (kept where already adjacent)."""
+    count_a, count_c = count_pair(a, c)
+    above, inside = count_c < target, count_a < target
+    new = _Bracket(
+        jnp.where(above, c, jnp.where(inside, a, b.lo)),
+        jnp.where(above, b.hi, jnp.where(inside, c, a)),
+        jnp.where(above, count_c, jnp.where(inside, count_a, b.count_lo)),
+        jnp.where(above, b.count_hi, jnp.where(inside, count_c, count_a)),
+    )
+    done = b.hi <= b.lo + 1
+    return _Bracket(*(jnp.where(done, old, x) for old, x in zip(b, new, strict=True)))
+
+
+def _interpolated(b: _Bracket, count_pair, target: jax.Array) -> _Bracket:
+    """Counts at two keys around the linear interpolation of the counts at the bracket's ends.
+
+    Where the magnitudes' distribution is smooth, the target's rank is off the line by its
+    curvature (allowed for as 3% of the entries in the bracket) and a few standard deviations:
+    the bracket shrinks about 16-fold per pass, against 4-fold for two bisection steps.
+    """
+    width = b.hi - b.lo  # fits int32: keys lie in [-2, _KEY_TOP]
+    k = jnp.maximum(b.count_hi - b.count_lo, 1).astype(jnp.float32)
+    w = width.astype(jnp.float32)
+    at = (target - b.count_lo).astype(jnp.float32) / k * w
+    spread = w * (3.0 * jnp.sqrt(k) + 2.0 + 0.03 * k) / k
+
+    def key_at(offset):
+        return b.lo + jnp.clip(jnp.clip(offset, 1.0, w).astype(jnp.int32), 1, width - 1)
+
+    a = key_at(at - spread)
+    return _narrowed(b, a, jnp.maximum(a, key_at(at + spread)), count_pair, target)
+
+
 def _start(
     leaves: tuple[jax.Array, ...],
     prevs: tuple[jax.Array | None, ...],
@@ -119,13 +163,18 @@ def _start(
     """Keys ``(lo, hi)`` with ``count(lo) < target <= count(hi)``, elementwise.
 
     The whole key range, narrowed where ``n`` is large by one counting pass at two keys of a
-    strided sample, a few standard deviations of its rank either side of the target quantile:
-    about 12 fewer bisection passes on smooth data, none lost when the sample misleads.
+    strided sample, a few standard deviations of its rank either side of the target quantile
+    (about 12 fewer bisection passes on smooth data, none lost when the sample misleads), then
+    by two interpolation passes (about 4 fewer bisection passes again on 2**20 weights).
     """
-    lo = jnp.full(target.shape, _PRUNED_KEY - 1, jnp.int32)
-    hi = jnp.full(target.shape, _KEY_TOP, jnp.int32)
+    b = _Bracket(
+        jnp.full(target.shape, _PRUNED_KEY - 1, jnp.int32),
+        jnp.full(target.shape, _KEY_TOP, jnp.int32),
+        jnp.zeros(target.shape, jnp.int32),
+        jnp.full(target.shape, n, jnp.int32),
+    )
     if n < _SAMPLE_FROM:
-        return lo, hi
+        return b.lo, b.hi
     sample = _sample_keys(leaves, prevs, axis, min(_SAMPLE_MAX, 8 * math.isqrt(n)))
     m = sample.shape[1]
     p = jnp.clip(target.astype(jnp.float32) / n, 0.0, 1.0)
@@ -133,13 +182,11 @@ def _start(
     at = jnp.stack([p * m - margin, p * m + margin], -1)
     at = jnp.clip(at, 0, m - 1).astype(jnp.int32).reshape(-1, 2)
     ac = jnp.take_along_axis(sample, at, axis=1).reshape(*target.shape, 2)
-    a, c = ac[..., 0], ac[..., 1]  # a <= c: the sample is sorted
-    count_a, count_c = count_pair(a, c)
-    above, inside = count_c < target, count_a < target
-    return (
-        jnp.where(above, c, jnp.where(inside, a, lo)),
-        jnp.where(above, hi, jnp.where(inside, c, a)),
-    )
+    # a <= c (the sample is sorted), both in the whole range: the bracket's ends are never hit.
+    b = _narrowed(b, ac[..., 0], ac[..., 1], count_pair, target)
+    for _ in range(2):
+        b = _interpolated(b, count_pair, target)
+    return b.lo, b.hi
 
 
 def _ranked_keep(
