@@ -181,12 +181,13 @@ def masks_for_sparsity(
     ``previous`` itself.
 
     Nothing is sorted: the threshold is found by bisection on counts (about 32 passes over the
-    weights; about 20 on layers of ``2**16`` weights or more, where a strided sample's quantiles
-    narrow the range first), plus a few dozen over the entries tied at the threshold when a tie
-    must be split.
+    weights; about 16-20 on layers of ``2**16`` weights or more, where a strided sample's
+    quantiles and two interpolation passes narrow the range first), plus a few dozen over the
+    entries tied at the threshold when a tie must be split.
     Sharded kernels need only reductions: the masks keep the params' sharding, and global scope
     sums counts across leaves and devices instead of gathering the weights. XLA's temporaries
-    are a few bytes per weight of the leaf being ranked (of all prunable leaves in global scope).
+    are about half a byte per weight of the leaf being ranked (of all prunable leaves in global
+    scope), beside the masks themselves.
 
     Args:
       params: a pytree of parameters.
