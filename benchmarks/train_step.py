@@ -1,0 +1,137 @@
+"""One SGD training step of LeNet-5 at batch 128: plain XLA convolutions vs ``fast_conv``.
+
+LeNet-5 is Caffe's (conv 5x5 20, max-pool, conv 5x5 50, max-pool, fc 500 ReLU, fc 10, 28x28x1
+inputs), as ``jaxprune.demo.models.LeNet5`` builds it, with its convolutions either
+``lax.conv_general_dilated`` ("plain") or :func:`jaxprune.conv.fast_conv` (what the demo model
+uses). Each step is one jitted call (forward, backward, SGD update), timed round by round in a
+shuffled order by ``measure.interleaved_medians``; the cores other processes kept busy meanwhile
+(``measure.Load``) are printed beside each figure. Where ``import torch`` works, torch's step on
+the same architecture (its own initialisation, inputs transposed to NCHW) is timed in the same
+rounds.
+
+    python benchmarks/train_step.py [--quick] [--repeats N] [--budget SECONDS]
+
+Measured on this project's 2 shared CPU cores, two full runs one after the other under
+``flock /tmp/jaxprune-bench.lock`` (torch not installed here):
+
+- run 1: plain 73.18 ms/step, fast_conv 62.69 ms/step, ratio 0.857
+  (others' load 0.00 cores)
+- run 2: plain 59.32 ms/step, fast_conv 54.96 ms/step, ratio 0.927
+  (others' load 0.00 cores)
+
+Both quiet, yet plain moved by 20% between runs: read the ratio, not the absolute times. Torch's
+step measured 53 ms in issue 14's runs on these cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from measure import Load, interleaved_medians
+
+from jaxprune.conv import fast_conv
+from jaxprune.demo.models import _max_pool_2x2
+
+BATCH = 128
+
+
+class _LeNet5(nn.Module):
+    """``jaxprune.demo.models.LeNet5`` (same layers, same pooling) with a choice of convolution."""
+
+    conv: Callable = jax.lax.conv_general_dilated
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for ch in (20, 50):
+            conv = nn.Conv(ch, (5, 5), padding="VALID", conv_general_dilated=self.conv)
+            x = _max_pool_2x2(conv(x))
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(10)(jnp.maximum(nn.Dense(500)(x), 0))
+
+
+def _jax_step(module: nn.Module, x: jax.Array, y: jax.Array) -> Callable[[], object]:
+    params = module.init(jax.random.key(0), x[:1])["params"]
+    tx = optax.sgd(0.01)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss(p):
+            logits = module.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        grads = jax.grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = tx.init(params)
+    return lambda: step(params, opt_state)
+
+
+def _torch_step(x: np.ndarray, y: np.ndarray) -> Callable[[], object] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 20, 5),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(20, 50, 5),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(800, 500),
+        torch.nn.ReLU(),
+        torch.nn.Linear(500, 10),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tx, ty = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y.astype(np.int64))
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(tx), ty).backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few rounds, for smoke tests")
+    parser.add_argument("--repeats", type=int, default=30, help="rounds at least")
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds of timed rounds")
+    args = parser.parse_args()
+    repeats, budget = (3, 0.0) if args.quick else (args.repeats, args.budget)
+
+    kx, ky = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (BATCH, 28, 28, 1))
+    y = jax.random.randint(ky, (BATCH,), 0, 10)
+    fns = {
+        "plain": _jax_step(_LeNet5(), x, y),
+        "fast_conv": _jax_step(_LeNet5(fast_conv), x, y),
+    }
+    torch_step = _torch_step(np.asarray(x), np.asarray(y))
+    if torch_step is None:
+        print("torch: not installed, skipped")
+    else:
+        fns["torch"] = torch_step
+    with Load() as load:
+        med = interleaved_medians(fns, repeats, budget)
+    print(f"LeNet-5 SGD train step, batch {BATCH}, jitted, interleaved medians")
+    for name, seconds in med.items():
+        print(f"  {name:9s}: {1e3 * seconds:7.2f} ms/step (others' load {load.cores:.2f} cores)")
+    print(
+        f"  ratio fast_conv/plain: {med['fast_conv'] / med['plain']:.3f} "
+        f"(others' load {load.cores:.2f} cores)"
+    )
+    if "torch" in med:
+        print(f"  ratio fast_conv/torch: {med['fast_conv'] / med['torch']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
