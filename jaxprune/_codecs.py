@@ -41,7 +41,7 @@ class FileFormatError(ValueError):
 
 
 def _pack(arr: np.ndarray, *, compress: bool) -> tuple[dict[str, Any], list[bytes]]:
-    """A stream as byte planes, each stored raw, zlib or lzma, whichever is smallest.
+    """A stream as byte planes, each stored raw, zlib or lzma (see ``_smallest``).
 
     With ``compress``, an array of k-byte items is split into k planes (byte i of every item):
     the sign/exponent plane of weights that survived magnitude pruning spans few values and
@@ -55,12 +55,32 @@ def _pack(arr: np.ndarray, *, compress: bool) -> tuple[dict[str, Any], list[byte
     return entry, [p for _, p in parts]
 
 
+# Planes from this size on get fast deflate (level 1) only, once: trying zlib-6 and lzma on the
+# whole of every plane made save() 14x a raw write at 4M-100M weights at 10% kept (lzma runs at
+# 1.4-4.5 MB/s on these planes). On a 2048x2048 layer at 10% kept, level 1 against the smallest
+# of zlib-6 and lzma: sign/exponent plane 0.226 vs 0.139 of its bytes, bitmask 0.583 vs 0.484;
+# the whole file about 6% larger, and save() about 2x the raw write instead of 14x.
+_FAST_FROM = 1 << 17
+_FAST_LEVEL = 1
+# A large plane is stored raw unless deflate shrinks a sample of it below this fraction.
+_WORTH_COMPRESSING = 0.97
+_SAMPLES, _SAMPLE_BYTES = 8, 1 << 12
+
+
 def _smallest(data: bytes, *, compress: bool) -> tuple[str, bytes]:
+    """The plane raw, zlib or lzma: the smallest of the three, or for a plane of ``_FAST_FROM``
+    bytes or more, raw or fast deflate as a sample of it predicts, compressed once."""
     if not compress or not data or _looks_random(data):
         return "raw", data
-    return min(
-        (("raw", data), ("zlib", _zlib(data)), ("lzma", _lzma(data))), key=lambda c: len(c[1])
-    )
+    if len(data) < _FAST_FROM:
+        candidates = (("raw", data), ("zlib", _zlib(data)), ("lzma", _lzma(data)))
+        return min(candidates, key=lambda c: len(c[1]))
+    step = (len(data) - _SAMPLE_BYTES) // (_SAMPLES - 1)
+    sample = b"".join(data[i * step : i * step + _SAMPLE_BYTES] for i in range(_SAMPLES))
+    if len(_zlib(sample, _FAST_LEVEL)) > _WORTH_COMPRESSING * len(sample):
+        return "raw", data
+    packed = _zlib(data, _FAST_LEVEL)
+    return ("raw", data) if len(packed) >= len(data) else ("zlib", packed)
 
 
 def _looks_random(data: bytes) -> bool:
@@ -91,8 +111,8 @@ class _Payload:
         return self.append(*_pack(arr, compress=self.compress))
 
 
-def _zlib(data: bytes) -> bytes:
-    co = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate: the file has its own checksum
+def _zlib(data: bytes, level: int = 6) -> bytes:
+    co = zlib.compressobj(level, zlib.DEFLATED, -15)  # raw deflate: the file has its own checksum
     return co.compress(data) + co.flush()
 
 

@@ -302,8 +302,9 @@ def save(
       bits: code width for ``values='shared'``, 1 to 8.
       index: ``'auto'`` picks per leaf the smallest of ``'bitmask'`` and ``'delta'`` (gaps as
         uint8 or uint16 tokens); either can be forced, e.g. to compare them.
-      compress: try zlib and lzma (with and without a byte shuffle) on every stream and keep the
-        smallest; ``False`` stores streams raw.
+      compress: split every stream into byte planes and store each raw, zlib or lzma: the
+        smallest of the three for planes under 128 KiB, raw or fast deflate for larger ones
+        (decided on a sample, compressed once: save stays near a raw write's time); ``False`` stores streams raw, as one plane.
 
     Returns:
       A :class:`SaveReport`: the bytes written, the largest absolute error a lossy mode caused,

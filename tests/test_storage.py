@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 from jax.experimental.sparse import BCOO
 
 from jaxprune import _atomic, _codecs, storage
+from jaxprune.masks import masks_for_sparsity
+from jaxprune.sparse import to_dense
 from jaxprune.storage import FORMAT_VERSION, FileFormatError, load, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -838,3 +840,23 @@ def test_saving_through_a_symlink_writes_its_target(tmp_path):
     assert os.path.islink(tmp_path / "link.jxp")
     np.testing.assert_array_equal(load(target)["w"], [0, 1, 2])
     assert sorted(os.listdir(tmp_path / "real")) == ["m.jxp"]
+
+
+def test_large_planes_take_fast_deflate_or_raw_and_load_bit_exact(tmp_path):
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((1024, 1024)) * 0.05).astype(np.float32)
+    params = {"fc": {"kernel": w}}
+    masks = masks_for_sparsity(params, 0.5)
+    kept = np.where(np.asarray(masks["fc"]["kernel"]), w, 0)
+    exported = {"fc": {"kernel": to_bcoo(kept)}}
+    values = np.asarray(exported["fc"]["kernel"].data)
+    planes = np.frombuffer(values.tobytes(), np.uint8).reshape(-1, 4).T
+    assert planes.shape[1] >= _codecs._FAST_FROM  # every value plane takes the large-plane path
+    codecs = [_codecs._smallest(bytes(plane), compress=True)[0] for plane in planes]
+    assert codecs[:2] == ["raw", "raw"] and codecs[3] == "zlib"  # noise raw, sign/exponent deflated
+    report = save(tmp_path / "m.jaxprune", exported)
+    assert report.nbytes < 0.9 * (values.nbytes + w.size // 8)
+    got = to_dense(load(tmp_path / "m.jaxprune"))["fc"]["kernel"]
+    np.testing.assert_array_equal(
+        np.asarray(got), np.where(np.asarray(masks["fc"]["kernel"]), w, 0)
+    )
