@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from jaxprune.conv import fast_conv
@@ -80,6 +80,8 @@ def conv_cases(draw, rank=2):
     return x, w, options
 
 
+# Every example compiles its own shapes (2-4 s each here): few examples per run.
+@settings(max_examples=8)
 @given(conv_cases())
 def test_value_and_gradients_equal_lax_2d(case):
     x, w, options = case
@@ -87,6 +89,7 @@ def test_value_and_gradients_equal_lax_2d(case):
 
 
 @pytest.mark.parametrize("rank", [1, 3])
+@settings(max_examples=5)
 @given(data=st.data())
 def test_value_and_gradients_equal_lax_1d_3d(rank, data):
     x, w, options = data.draw(conv_cases(rank))
