@@ -9,7 +9,8 @@ bytes, so higher is better.
 Then the save time at scale: ``save`` with its default compression against ``compress=False``
 (the raw write) on square 2048x2048 Gaussian layers pruned to 10% kept, 4M / 25M / 100M weights,
 best of two saves each, with the others' load beside each row (``measure.Load``). Measured here
-(jax 0.10.2, 2 cores, others 0.00-0.01): 2.11x / 1.97x / 2.08x the raw write's time for files
+(jax 0.10.2, 2 cores, others 0.00-0.05), two runs: 2.11x / 1.97x / 2.08x and 2.04x / 2.12x /
+2.14x the raw write's time for files
 0.751 of the raw file's bytes; before large planes took fast deflate only, 14.2x / 14.6x / 14.3x
 for 0.719.
 
