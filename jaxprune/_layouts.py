@@ -58,7 +58,8 @@ BCSR_LARGE_BATCH_MAX_DENSITY = 0.06
 # batch: per layer 0.13-0.7x dense at 1 and 8 rows on 784x300 to 4096x4096 layers at 5-20%
 # density (BCSR 0.16-2.9x, the gather layout 0.46-2.6x there), 0.65-0.98x at 35%; from 64 rows
 # BCSR beats it (0.29-0.76x against 0.49-0.98x at 5-10%). Measured one layer at a time,
-# interleaved, 2 quiet cores (others 0.00-0.06), jax 0.10.2.
+# interleaved, 2 quiet cores (others 0.00-0.06), jax 0.10.2, one run; the two full runs of
+# benchmarks/sparse_inference.py agree (csr 0.10-0.86x dense at 1 and 8 rows, 5-20% kept).
 CSR_MAX_ROWS = 8
 CSR_MAX_DENSITY = 0.2
 MIN_SPARSE_SIZE = 4096  # tinier layers cost less than the bookkeeping either way: keep them dense
