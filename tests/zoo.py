@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -198,6 +198,8 @@ def _nnx_entry(name, model, inputs, weights, stacked=None) -> ZooModel:
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
+    # Jitted: the reference outputs compile once instead of op by op.
+    @jax.jit
     def apply(p, x):
         return nnx.merge(graphdef, p, rest)(x)
 
@@ -210,46 +212,87 @@ def _linen_entry(name, module, inputs, weights, stacked=None, **kwargs) -> ZooMo
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
 
+    @jax.jit
     def apply(p, x):
         return module.apply({"params": p, **rest}, x)
 
     return ZooModel(name, params, apply, inputs, frozenset(weights), stacked, module, rest)
 
 
-@functools.cache
-def zoo() -> dict[str, ZooModel]:
-    """Builds every zoo model once (deterministic initialisation)."""
-    images = jax.random.normal(jax.random.key(1), (4, *IMAGE))
-    tokens = jax.random.randint(jax.random.key(2), (4, SEQ), 0, VOCAB)
-    resnet = {"stem/kernel", "head/kernel"} | {
+def _images() -> jax.Array:
+    return jax.random.normal(jax.random.key(1), (4, *IMAGE))
+
+
+def _tokens() -> jax.Array:
+    return jax.random.randint(jax.random.key(2), (4, SEQ), 0, VOCAB)
+
+
+def _linen_resnet() -> ZooModel:
+    weights = {"stem/kernel", "head/kernel"} | {
         f"block{b}/Conv_{c}/kernel" for b in (1, 2) for c in (0, 1)
     }
-    linen_tf = {"embed/embedding", "head/kernel"} | {
+    return _linen_entry("linen_resnet", LinenResNet(), _images(), weights)
+
+
+def _nnx_cnn() -> ZooModel:
+    weights = {"conv1/kernel", "conv2/kernel", "fc/kernel"}
+    return _nnx_entry("nnx_cnn", _built(NNXCNN), _images(), weights)
+
+
+def _linen_transformer() -> ZooModel:
+    weights = {"embed/embedding", "head/kernel"} | {
         w for i in range(LAYERS) for w in _linen_block_weights(f"block{i}")
     }
-    nnx_tf = {"embed/embedding", "head/kernel"} | {
+    return _linen_entry("linen_transformer", LinenTransformer(), _tokens(), weights)
+
+
+def _linen_transformer_scan() -> ZooModel:
+    weights = {"embed/embedding", "head/kernel"} | _linen_block_weights("layers/Block_0")
+    module = LinenTransformer(scan=True)
+    return _linen_entry("linen_transformer_scan", module, _tokens(), weights, {"layers": 0})
+
+
+def _nnx_transformer() -> ZooModel:
+    weights = {"embed/embedding", "head/kernel"} | {
         w for i in range(LAYERS) for w in _nnx_block_weights(f"layers/{i}")
     }
-    models = [
-        _linen_entry("linen_resnet", LinenResNet(), images, resnet),
-        _nnx_entry(
-            "nnx_cnn", _built(NNXCNN), images, {"conv1/kernel", "conv2/kernel", "fc/kernel"}
-        ),
-        _linen_entry("linen_transformer", LinenTransformer(), tokens, linen_tf),
-        _linen_entry(
-            "linen_transformer_scan",
-            LinenTransformer(scan=True),
-            tokens,
-            {"embed/embedding", "head/kernel"} | _linen_block_weights("layers/Block_0"),
-            {"layers": 0},
-        ),
-        _nnx_entry("nnx_transformer", _built(NNXTransformer), tokens, nnx_tf),
-        _nnx_entry(
-            "nnx_transformer_scan",
-            _built(NNXTransformer, scan=True),
-            tokens,
-            {"embed/embedding", "head/kernel"} | _nnx_block_weights("layers"),
-            {"layers": 0},
-        ),
-    ]
-    return {m.name: m for m in models}
+    return _nnx_entry("nnx_transformer", _built(NNXTransformer), _tokens(), weights)
+
+
+def _nnx_transformer_scan() -> ZooModel:
+    weights = {"embed/embedding", "head/kernel"} | _nnx_block_weights("layers")
+    model = _built(NNXTransformer, scan=True)
+    return _nnx_entry("nnx_transformer_scan", model, _tokens(), weights, {"layers": 0})
+
+
+_BUILDERS: dict[str, Callable[[], ZooModel]] = {
+    "linen_resnet": _linen_resnet,
+    "nnx_cnn": _nnx_cnn,
+    "linen_transformer": _linen_transformer,
+    "linen_transformer_scan": _linen_transformer_scan,
+    "nnx_transformer": _nnx_transformer,
+    "nnx_transformer_scan": _nnx_transformer_scan,
+}
+
+
+class _Zoo(Mapping[str, ZooModel]):
+    """The zoo by name; each model is built on first access (2-4 s each), then kept."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_BUILDERS)
+
+    def __len__(self) -> int:
+        return len(_BUILDERS)
+
+    def __getitem__(self, name: str) -> ZooModel:
+        return _build(name)
+
+
+@functools.cache
+def _build(name: str) -> ZooModel:
+    return _BUILDERS[name]()
+
+
+def zoo() -> Mapping[str, ZooModel]:
+    """Every zoo model by name, each built once on first use (deterministic initialisation)."""
+    return _Zoo()
