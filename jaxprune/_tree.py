@@ -415,12 +415,17 @@ class Unit(NamedTuple):
         return self.path if self.index is None else slice_name(self.path, self.index)
 
 
+@jax.jit
+def _all_finite(leaf: jax.Array) -> jax.Array:
+    return jnp.isfinite(leaf).all()
+
+
 def check_finite(path: str, leaf: Any) -> None:
     """Refuses a concrete leaf holding NaN or inf: its magnitudes cannot rank or threshold it.
 
     One fetched bool from a reduction, so a sharded leaf is never gathered; traced leaves pass.
     """
-    if not isinstance(leaf, jax.core.Tracer) and not jax.device_get(jnp.isfinite(leaf).all()):
+    if not isinstance(leaf, jax.core.Tracer) and not jax.device_get(_all_finite(leaf)):
         raise ValueError(
             f"params[{path!r}] contains NaN or inf; magnitudes cannot rank or threshold it. Fix "
             "the weights (e.g. a diverged training run) before computing masks."

@@ -14,6 +14,7 @@ Layers stacked in one array (``nn.scan``, ``nnx.scan``) are separate layers with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -138,21 +139,31 @@ def compute_masks(
     def one(path: str, leaf: Any, prev: Any) -> Any:
         if path not in by_leaf:
             return _keep_all(leaf, prev)
-        w = jnp.asarray(leaf).astype(jnp.float32)
-        if prev is not None:
-            prev = jnp.asarray(prev, dtype=bool)
-            w = jnp.where(prev, w, 0.0)
-        if path in axes:  # one std and one q per slice; a slice without a q keeps everything
-            axis = axes[path]
-            others = tuple(a for a in range(w.ndim) if a != axis)
-            q_leaf = per_slice(by_leaf[path], w.shape[axis], axis, w.ndim, fill=0.0)
-            threshold = q_leaf * jnp.std(w, axis=others, keepdims=True)
-        else:
-            threshold = jnp.asarray(by_leaf[path][None], dtype=jnp.float32) * jnp.std(w)
-        keep = jnp.abs(w) >= threshold
-        return keep if prev is None else keep & prev
+        prev = None if prev is None else jnp.asarray(prev, dtype=bool)
+        axis = axes.get(path)
+        if axis is None:
+            q_leaf = jnp.asarray(by_leaf[path][None], dtype=jnp.float32)
+        else:  # one std and one q per slice; a slice without a q keeps everything
+            q_leaf = per_slice(by_leaf[path], leaf.shape[axis], axis, leaf.ndim, fill=0.0)
+        return _keep_above_std(leaf, q_leaf, prev, axis=axis)
 
     return _leafwise(one, params, previous)
+
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _keep_above_std(
+    leaf: jax.Array, q: jax.Array, prev: jax.Array | None, axis: int | None
+) -> jax.Array:
+    """``|w| >= q * std(w)`` over the leaf, or per slice along ``axis``; pruned entries count as 0.
+
+    One compiled function per leaf shape: eagerly, each of its ops would compile on its own.
+    """
+    w = jnp.asarray(leaf).astype(jnp.float32)
+    if prev is not None:
+        w = jnp.where(prev, w, 0.0)
+    others = None if axis is None else tuple(a for a in range(w.ndim) if a != axis)
+    keep = jnp.abs(w) >= q * jnp.std(w, axis=others, keepdims=axis is not None)
+    return keep if prev is None else keep & prev
 
 
 def _pruned_count(sparsity: Any, n: int) -> Any:
