@@ -101,7 +101,7 @@ def test_value_and_gradients_equal_lax_2d(case):
 
 
 @pytest.mark.parametrize("rank", [1, 3])
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(data=st.data())
 def test_value_and_gradients_equal_lax_1d_3d(rank, data):
     x, w, options = data.draw(conv_cases(rank))
