@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxprune import batch_stats
@@ -298,17 +299,18 @@ def prune_and_retrain(
             first = itertools.islice(batches(r * epochs), reestimate)
             model_state = batch_stats.running_average(stats, model_state, first, params, rng)
         state = RetrainState(params, opt_state, rng, jnp.int32(0), model_state)
-        total_loss, total_steps = jnp.zeros(()), 0
+        total_loss, total_steps = 0.0, 0
         for e in range(epochs):
-            epoch_loss, n = jnp.zeros(()), 0
+            losses = []  # fetched once per epoch: no extra dispatch per step
             for batch in batches(r * epochs + e):
                 state, metrics = step(state, batch)
-                epoch_loss, n = epoch_loss + metrics["loss"], n + 1
-            if n == 0:
+                losses.append(metrics["loss"])
+            if not losses:
                 raise ValueError(f"batches({r * epochs + e}) yielded no batch.")
-            total_loss, total_steps = total_loss + epoch_loss, total_steps + n
+            epoch_loss = float(np.sum(jax.device_get(losses)))
+            total_loss, total_steps = total_loss + epoch_loss, total_steps + len(losses)
             if on_epoch is not None:
-                on_epoch(r, e, float(epoch_loss) / n)
+                on_epoch(r, e, epoch_loss / len(losses))
         params, opt_state, model_state = state.params, state.opt_state, state.model_state
         raise_if_misplaced(opt_state)
         if stats is not None:  # the running averages lag behind the retrained weights
@@ -321,7 +323,7 @@ def prune_and_retrain(
             sparsity=s_r,
             kept_fraction_per_layer={row.path: row.kept_fraction for row in summary.rows},
             kept_fraction=summary.kept_fraction,
-            train_loss=float(total_loss) / total_steps,
+            train_loss=total_loss / total_steps,
             metric=evaluate(params),
             dropout_rates=rates,
             pattern=p_r,
