@@ -29,7 +29,6 @@ import argparse
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
@@ -52,7 +51,7 @@ class _LeNet5(nn.Module):
             conv = nn.Conv(ch, (5, 5), padding="VALID", conv_general_dilated=self.conv)
             x = _max_pool_2x2(conv(x))
         x = x.reshape((x.shape[0], -1))
-        return nn.Dense(10)(jnp.maximum(nn.Dense(500)(x), 0))
+        return nn.Dense(10)(nn.relu(nn.Dense(500)(x)))
 
 
 def _jax_step(module: nn.Module, x: jax.Array, y: jax.Array) -> Callable[[], object]:

@@ -125,15 +125,6 @@ def test_shrunk_widths_build_smaller_models():
     assert shapes(nnx.state(small, nnx.Param))["fc2/kernel"] == (30, 10)
 
 
-def test_relu_is_traceable_by_sparsify():
-    # jax.nn.relu is a custom_jvp, which sparsify cannot trace; the models must avoid it.
-    assert "custom_jvp" in str(jax.make_jaxpr(jax.nn.relu)(jnp.zeros(2)))  # the check can fail
-    for model in (LeNet300100(hidden=(8, 4)), LeNet5(channels=(2, 3), hidden=4)):
-        params = abstract(model)
-        jaxpr = jax.make_jaxpr(lambda p, x, m=model: m.apply({"params": p}, x))(params, images(1))
-        assert "custom_jvp" not in str(jaxpr)
-
-
 # --- dropout --------------------------------------------------------------------------------
 
 

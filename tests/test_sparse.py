@@ -36,7 +36,7 @@ def with_native(monkeypatch):
 class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Dense(32)(x))  # jax.nn.relu: the custom_jvp that trips sparsify
+        x = nn.relu(nn.Dense(32)(x))
         x = nn.relu(nn.Dense(16)(x))
         return nn.Dense(10)(x)
 

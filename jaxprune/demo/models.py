@@ -8,9 +8,6 @@ Choices shared by every model here:
 
 - Inputs are float32 images shaped ``(N, H, W, C)``; sizes other than MNIST's 28x28 work (the first
   dense layer's width is taken from the input), so the sklearn 8x8 digits run through them too.
-- ReLU is written as ``jnp.maximum(x, 0)`` rather than ``jax.nn.relu``: the latter is a
-  ``custom_jvp`` that ``jax.experimental.sparse.sparsify`` cannot trace, and sparse inference runs
-  these same models.
 - ``dropout_rates`` holds one rate per dense layer, applied to that layer's *input*, so that Han et
   al. 2015, Sec. 3.2's rescaling ``D_r = D_o * sqrt(C_r / C_o)`` of a layer's connections maps to
   one entry (see :func:`dense_layer_names`). ``None`` means no dropout, as in Caffe's LeNets.
@@ -23,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import nnx
@@ -38,11 +34,6 @@ __all__ = [
     "count_params",
     "dense_layer_names",
 ]
-
-
-def _relu(x: jax.Array) -> jax.Array:
-    # Not jax.nn.relu: see the module docstring (sparsify cannot trace its custom_jvp).
-    return jnp.maximum(x, 0)
 
 
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -149,7 +140,7 @@ class LeNet300100(nn.Module):
                 x = nn.Dropout(rate, deterministic=not train)(x)
             x = nn.Dense(width, name=f"fc{i + 1}")(x)
             if i < len(self.hidden):
-                x = _relu(x)
+                x = jax.nn.relu(x)
         return x
 
 
@@ -210,7 +201,7 @@ class LeNet5(nn.Module):
                 x = nn.Dropout(rate, deterministic=not train)(x)
             x = nn.Dense(width, name=f"fc{i + 1}")(x)
             if i == 0:
-                x = _relu(x)
+                x = jax.nn.relu(x)
         return x
 
 
@@ -263,7 +254,7 @@ class NNXLeNet300100(nnx.Module):
             x = getattr(self, f"drop{i + 1}")(x)
             x = getattr(self, f"fc{i + 1}")(x)
             if i < self.n_dense - 1:
-                x = _relu(x)
+                x = jax.nn.relu(x)
         return x
 
 
@@ -321,7 +312,7 @@ class NNXLeNet5(nnx.Module):
         x = _max_pool_2x2(self.conv1(x))
         x = _max_pool_2x2(self.conv2(x))
         x = x.reshape((x.shape[0], -1))
-        x = _relu(self.fc1(self.drop1(x)))
+        x = jax.nn.relu(self.fc1(self.drop1(x)))
         return self.fc2(self.drop2(x))
 
 
