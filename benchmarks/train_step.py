@@ -11,16 +11,18 @@ rounds.
 
     python benchmarks/train_step.py [--quick] [--repeats N] [--budget SECONDS]
 
-Measured on this project's 2 shared CPU cores, two full runs one after the other under
-``flock /tmp/jaxprune-bench.lock`` (torch not installed here):
+Measured on this project's 2 shared CPU cores under ``flock /tmp/jaxprune-bench.lock``, jax
+0.10.2, torch 2.13.0+cpu (the CPU-only wheel), others' load 0.00 cores in every run:
 
-- run 1: plain 73.18 ms/step, fast_conv 62.69 ms/step, ratio 0.857
-  (others' load 0.00 cores)
-- run 2: plain 59.32 ms/step, fast_conv 54.96 ms/step, ratio 0.927
-  (others' load 0.00 cores)
+- AMD EPYC machine (this session), two full runs: plain 40.5 / 43.1 ms/step, fast_conv 43.3 /
+  44.2, torch 28.1 / 29.0; fast_conv / plain 1.07 / 1.03, fast_conv / torch 1.54 / 1.53. A third
+  run without torch: plain 47.4, fast_conv 47.0 (0.99).
+- An earlier session's machine, two runs without torch: plain 73.2 / 59.3 ms/step, fast_conv
+  62.7 / 55.0 (0.86 / 0.93).
 
-Both quiet, yet plain moved by 20% between runs: read the ratio, not the absolute times. Torch's
-step measured 53 ms in issue 14's runs on these cores.
+So fast_conv's gain depends on the CPU (XLA's kernel-gradient convolution is slow on some, not
+on others), and torch's oneDNN convolutions run this step about 1.5x faster than either. Read the
+ratios, not the absolute times: plain moved by 20% between two quiet runs.
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """A drop-in ``conv_general_dilated`` whose kernel gradient is one matrix product.
 
-On CPU, XLA runs a channel-last forward convolution fast, but the convolution it derives for the
-kernel's gradient runs several times slower (LeNet-5's conv1 at about 2 GFLOP/s against 14-24
-forward), and that gradient was most of a conv training step. :func:`fast_conv` keeps XLA's
-forward convolution and defines its own gradients (a ``jax.custom_vjp``):
+On some CPUs XLA runs a channel-last forward convolution fast but the convolution it derives for
+the kernel's gradient several times slower (LeNet-5's conv1 at about 2 GFLOP/s against 14-24
+forward on one of this project's machines), and that gradient was most of a conv training step.
+:func:`fast_conv` keeps XLA's forward convolution and defines its own gradients (a
+``jax.custom_vjp``):
 
 - kernel: ``patches(x)^T @ dy``, the patches built from strided slices
   (``jaxprune._products.im2col``), so the work is one large matmul;
 - input: ``dy @ W^T`` scattered back onto the input (col2im), the transpose of those same slices.
+
+The gain depends on the CPU: LeNet-5's training step took 0.86-0.93x the plain step's time on
+one machine and 0.99-1.07x (the same, within noise) on another (``benchmarks/train_step.py``).
 
 Values and both gradients equal ``lax.conv_general_dilated``'s up to float rounding. Pass it to a
 Flax layer: ``nn.Conv(..., conv_general_dilated=fast_conv)`` (Linen) or
