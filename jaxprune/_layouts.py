@@ -60,8 +60,13 @@ BCSR_LARGE_BATCH_MAX_DENSITY = 0.06
 # BCSR beats it (0.29-0.76x against 0.49-0.98x at 5-10%). Measured one layer at a time,
 # interleaved, 2 quiet cores (others 0.00-0.06), jax 0.10.2, one run; the two full runs of
 # benchmarks/sparse_inference.py agree (csr 0.10-0.86x dense at 1 and 8 rows, 5-20% kept).
+# Above one row its edge over dense shrinks with density: at 8 rows and 20% kept the 4096x4096
+# layer ran 0.90-1.30x dense on a second machine (AMD EPYC, two full runs of
+# benchmarks/sparse_inference.py in both dispatch modes), 0.37-0.59x at 8%, so 2-8 rows take it
+# to BCSR's density, and a single row (0.37-0.75x at 20% there) to CSR_MAX_DENSITY.
 CSR_MAX_ROWS = 8
 CSR_MAX_DENSITY = 0.2
+CSR_BATCH_MAX_DENSITY = 0.12
 MIN_SPARSE_SIZE = 4096  # tinier layers cost less than the bookkeeping either way: keep them dense
 # An embedding lookup reads only the rows it needs, so a dense table is hard to beat: the gather
 # layout's gather and scatter took 1.2-1.4x (1 and 64 tokens) and 2-3.9x (1024 tokens) the time
@@ -258,6 +263,11 @@ def _native_for(product: Product) -> bool:
     return product.dtype == "float32" and _native.available()
 
 
+def csr_max_density(rows: int) -> float:
+    """The highest density at which the rule takes the native ``'csr'`` kernel for ``rows`` rows."""
+    return CSR_MAX_DENSITY if rows == 1 else CSR_BATCH_MAX_DENSITY
+
+
 def choose(product: Product) -> str:
     """The default rule for one matrix product: the layout expected fastest for it.
 
@@ -268,7 +278,7 @@ def choose(product: Product) -> str:
     size = math.prod(shape)
     if size < MIN_SPARSE_SIZE:
         return "dense"
-    if rows <= CSR_MAX_ROWS and density <= CSR_MAX_DENSITY and _native_for(product):
+    if rows <= CSR_MAX_ROWS and density <= csr_max_density(rows) and _native_for(product):
         return "csr"
     if rows < SMALL_BATCH_ROWS and size < LARGE_LAYER_SIZE:
         return "dense"
@@ -321,8 +331,11 @@ def choose_plan(products: dict[K, Product]) -> dict[K, str]:
     if not small:
         return plan
     native = all(p.rows <= CSR_MAX_ROWS and _native_for(p) for p in products.values())
-    fmt, max_density = ("csr", CSR_MAX_DENSITY) if native else ("bcsr", BCSR_MAX_DENSITY)
-    if all(p.density <= max_density for p in products.values()):
+    fmt = "csr" if native else "bcsr"
+    if all(
+        p.density <= (csr_max_density(p.rows) if native else BCSR_MAX_DENSITY)
+        for p in products.values()
+    ):
         plan.update({key: fmt for key in small if plan[key] == "dense"})
     return plan
 

@@ -467,7 +467,7 @@ def test_rule_takes_the_native_kernel_only_at_small_batch_in_float32(density, ro
     wants_csr = (
         dtype == "float32"
         and rows <= _layouts.CSR_MAX_ROWS
-        and density <= _layouts.CSR_MAX_DENSITY
+        and density <= _layouts.csr_max_density(rows)
         and shape[0] * shape[1] >= _layouts.MIN_SPARSE_SIZE
     )
     assert (fmt == "csr") == wants_csr
@@ -487,6 +487,11 @@ def test_native_plan_for_lenet_at_small_batch(with_native):
     assert _layouts.choose_plan(lenet) == {"fc1": "bcsr", "fc2": "bcsr", "fc3": "dense"}
     conv = {"conv": P(0.05, 1, (576, 64), "conv"), "fc": P(0.05, 1, (784, 300))}
     assert _layouts.choose_plan(conv) == {"conv": "dense", "fc": "csr"}
+    # 20% kept: the kernel for one row, not for 8 (0.90-1.30x dense there).
+    wide = P(0.2, 1, (4096, 4096))
+    assert _layouts.choose_plan({"w": wide}) == {"w": "csr"}
+    assert _layouts.choose_plan({"w": wide._replace(rows=8)}) == {"w": "dense"}
+    assert _layouts.choose_plan({"w": wide._replace(rows=8, density=0.08)}) == {"w": "csr"}
 
 
 def test_every_layout_computes_the_product():
