@@ -12,7 +12,7 @@ Choices shared by every model here:
   al. 2015, Sec. 3.2's rescaling ``D_r = D_o * sqrt(C_r / C_o)`` of a layer's connections maps to
   one entry (see :func:`dense_layer_names`). ``None`` means no dropout, as in Caffe's LeNets.
 - LeNet-5's convolutions run :func:`jaxprune.conv.fast_conv`: the same values and gradients as
-  ``lax.conv_general_dilated``, with the kernel gradient as one matmul, : a faster CPU
+  ``lax.conv_general_dilated``, with the kernel gradient as one matmul: a faster CPU
   training step where XLA's kernel-gradient convolution is slow, about the same step where it is
   not (``benchmarks/train_step.py``).
 """
