@@ -114,6 +114,11 @@ def main() -> None:
         f"{load.cores:.2f} cores)"
     )
     print(f"extra memory (masks output + XLA temporaries): {extra:.2f} bytes per parameter")
+    for scope in ("layer", "global"):
+        fn = jax.jit(functools.partial(jaxprune.masks_for_sparsity, scope=scope))
+        mem = fn.lower(params, 0.9).compile().memory_analysis()
+        extra = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / n_params
+        print(f"  masks_for_sparsity (jit, {scope} scope): {extra:.2f} bytes per parameter")
     print(f"kept at q=1: {100 * kept:.1f}% (a Gaussian keeps about 31.7%)")
     del params
     if args.quick:

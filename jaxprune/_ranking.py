@@ -2,10 +2,10 @@
 
 Each weight's key is the int32 bit pattern of its float32 magnitude (which orders like the value),
 ``-1`` where already pruned; bisection on counts finds the threshold key (on large layers starting
-from the bracket that two quantiles of a strided sample give, checked by one counting pass), then
-a second bisection on position splits the ties at it, so the result is the stable sort's (earlier
-entry pruned first) while only reductions run: sharded leaves stay sharded.
-"""
+from the bracket that two quantiles of a strided sample give, checked by one counting pass and
+narrowed by interpolation), then a second bisection on position splits the ties at it, so the
+result is the stable sort's (earlier entry pruned first). Sharded leaves need only reductions; on
+one device, the bisection runs over the few blocks of entries inside the start's bracket."""
 
 from __future__ import annotations
 
@@ -34,29 +34,52 @@ def _keys(leaf: jax.Array, prev: jax.Array | None) -> jax.Array:
     return bits if prev is None else jnp.where(prev, bits, _PRUNED_KEY)
 
 
-def _positions(shape: tuple[int, ...], axis: int | None) -> jax.Array:
-    """Row-major index of every entry within its layer (within its slice for a stacked leaf)."""
-    pos, stride = jnp.zeros(shape, jnp.int32), 1
-    for d in reversed(range(len(shape))):
-        if d != axis:
-            pos = pos + jax.lax.broadcasted_iota(jnp.int32, shape, d) * stride
-            stride *= shape[d]
-    return pos
+def _before(shape: tuple[int, ...], axis: int | None, cut: jax.Array) -> jax.Array:
+    """Whether each entry's row-major index within its layer (its slice) is below ``cut``.
+
+    Compared digit by digit against ``cut``'s multi-index, on iotas only: an array of positions
+    would be hoisted out of the loops that use it and kept (4 bytes per weight).
+    """
+    dims = [d for d in range(len(shape)) if d != axis]
+    if not dims:  # one entry per layer
+        return jnp.broadcast_to(_column(cut, len(shape), axis) > 0, shape)
+    below, equal, rest = jnp.zeros(shape, bool), jnp.ones(shape, bool), cut
+    for k, d in enumerate(dims):
+        stride = math.prod(shape[e] for e in dims[k + 1 :])
+        digit = _column(rest // stride, len(shape), axis)
+        index = jax.lax.broadcasted_iota(jnp.int32, shape, d)
+        below = below | (equal & (index < digit))
+        equal = equal & (index == digit)
+        rest = rest % stride
+    return below
 
 
 def _count(x: jax.Array, axis: int | None) -> jax.Array:
     """Counts ``True`` entries per layer: a scalar, or one count per slice along ``axis``.
 
-    Where a dimension splits into groups of 16, those are summed as uint8 first: XLA on CPU
-    vectorises that reduction and not an int32 one over everything (about 4x faster). Only
-    dimensions of a multiple of 256 are split, so the outer part stays shardable as before.
+    Groups of 16 along one dimension are summed as uint8 first: XLA on CPU vectorises that
+    reduction and fuses it, where an int32 sum over everything runs about 4x slower and first
+    writes the bools out as int32 (4 bytes per weight). A dimension of a multiple of 256 is
+    split (so the outer part stays shardable as before); else the last one of 16 or more, its
+    remainder (under 16 per row) counted apart.
     """
     others = [d for d in range(x.ndim) if d != axis]
     split = next((d for d in others if x.shape[d] % 256 == 0), None)
-    if split is not None:
-        x = x.reshape(*x.shape[:split], x.shape[split] // 16, 16, *x.shape[split + 1 :])
-        x = jnp.sum(x, axis=split + 1, dtype=jnp.uint8)  # same rank and axis as before
-    return jnp.sum(x, axis=tuple(others), dtype=jnp.int32)
+    if split is None:
+        split = next((d for d in reversed(others) if x.shape[d] >= 16), None)
+    if split is None:
+        return jnp.sum(x, axis=tuple(others), dtype=jnp.int32)
+    size = x.shape[split]
+    whole = size // 16 * 16
+    head = jax.lax.slice_in_dim(x, 0, whole, axis=split)
+    head = head.reshape(*x.shape[:split], whole // 16, 16, *x.shape[split + 1 :])
+    count = jnp.sum(
+        jnp.sum(head, axis=split + 1, dtype=jnp.uint8), axis=tuple(others), dtype=jnp.int32
+    )
+    if whole < size:
+        tail = jax.lax.slice_in_dim(x, whole, size, axis=split)
+        count = count + jnp.sum(tail, axis=tuple(others), dtype=jnp.int32)
+    return count
 
 
 def _column(t: jax.Array, ndim: int, axis: int | None) -> jax.Array:
@@ -94,7 +117,7 @@ def _sample_keys(
     axis: int | None,
     size: int,
 ) -> jax.Array:
-    """Keys of a strided sample of about ``size`` entries per ranked slice, sorted: ``(slices, m)``."""
+    """Keys of a strided sample of about ``size`` entries per ranked slice: ``(slices, m)``."""
     total = sum(math.prod(x.shape) for x in leaves)
     parts = []
     for x, p in zip(leaves, prevs, strict=True):
@@ -106,7 +129,7 @@ def _sample_keys(
         key = _keys(x[index], None if p is None else p[index])
         key = key.reshape(1, -1) if axis is None else jnp.moveaxis(key, axis, 0)
         parts.append(key.reshape(key.shape[0], -1))
-    return jnp.sort(jnp.concatenate(parts, axis=1), axis=1)
+    return jnp.concatenate(parts, axis=1)
 
 
 class _Bracket(NamedTuple):
@@ -159,8 +182,8 @@ def _start(
     n: int,
     target: jax.Array,
     count_pair,
-) -> tuple[jax.Array, jax.Array]:
-    """Keys ``(lo, hi)`` with ``count(lo) < target <= count(hi)``, elementwise.
+) -> _Bracket:
+    """Keys ``lo < hi`` with ``count(lo) < target <= count(hi)``, elementwise, and their counts.
 
     The whole key range, narrowed where ``n`` is large by one counting pass at two keys of a
     strided sample, a few standard deviations of its rank either side of the target quantile
@@ -174,19 +197,42 @@ def _start(
         jnp.full(target.shape, n, jnp.int32),
     )
     if n < _SAMPLE_FROM:
-        return b.lo, b.hi
+        return b
     sample = _sample_keys(leaves, prevs, axis, min(_SAMPLE_MAX, 8 * math.isqrt(n)))
     m = sample.shape[1]
     p = jnp.clip(target.astype(jnp.float32) / n, 0.0, 1.0)
     margin = 4.0 * jnp.sqrt(m * p * (1.0 - p)) + 2.0
     at = jnp.stack([p * m - margin, p * m + margin], -1)
     at = jnp.clip(at, 0, m - 1).astype(jnp.int32).reshape(-1, 2)
-    ac = jnp.take_along_axis(sample, at, axis=1).reshape(*target.shape, 2)
-    # a <= c (the sample is sorted), both in the whole range: the bracket's ends are never hit.
+    # The sample's order statistics at those ranks, by bisection (cheaper than sorting it).
+    ends = (jnp.full(at.shape, _PRUNED_KEY - 1, jnp.int32), jnp.full(at.shape, _KEY_TOP, jnp.int32))
+    ac = _bisect(
+        lambda t: jnp.sum(sample[:, None, :] <= t[..., None], axis=-1, dtype=jnp.int32),
+        *ends,
+        at + 1,
+    ).reshape(*target.shape, 2)
+    # a <= c (ranks in order), both in the whole range: the bracket's ends are never hit.
     b = _narrowed(b, ac[..., 0], ac[..., 1], count_pair, target)
     for _ in range(2):
         b = _interpolated(b, count_pair, target)
-    return b.lo, b.hi
+    return b
+
+
+def _narrowed_to(b: _Bracket, count_pair, target: jax.Array, most: int) -> _Bracket:
+    """Up to three more interpolation passes while the bracket holds over ``most`` entries.
+
+    Where the target falls near a power of two of the magnitudes, the keys' density jumps there
+    and an interpolation across it misses; the next one, within one octave, does not.
+    """
+
+    def more(c):
+        b, passes = c
+        return (passes < 3) & jnp.any(b.count_hi - b.count_lo > most)
+
+    def step(c):
+        return _interpolated(c[0], count_pair, target), c[1] + 1
+
+    return jax.lax.while_loop(more, step, (b, 0))[0]
 
 
 def _ranked_keep(
@@ -194,13 +240,16 @@ def _ranked_keep(
     prevs: tuple[jax.Array | None, ...],
     axes: tuple[int | None, ...],
     n_pruned: jax.Array,
+    gather: bool = False,
 ) -> tuple[jax.Array, ...]:
     """Keeps all but the ``n_pruned`` lowest-ranked entries of the leaves taken together.
 
     The rank is ``(key, leaf, position)``: magnitude first, then flattening order. With one leaf
     and an ``axis``, every slice along it is ranked on its own (``n_pruned`` per slice). Found by
     bisection on counts (the threshold key, then the position cut among the entries equal to
-    it), so nothing is sorted and sharded leaves need only reductions.
+    it), so nothing is sorted and sharded leaves need only reductions. With ``gather`` (leaves on
+    one device), the threshold is searched among the few blocks of entries inside the start's
+    bracket instead of over every weight.
     """
     keys = [_keys(x, p) for x, p in zip(leaves, prevs, strict=True)]
 
@@ -226,13 +275,24 @@ def _ranked_keep(
 
     axis = axes[0] if len(leaves) == 1 else None
     n = sum(math.prod(x.shape) for x in leaves) // (1 if axis is None else leaves[0].shape[axis])
-    lo, hi = _start(leaves, prevs, axis, n, n_pruned, count_pair)
-    threshold = _bisect(lambda t: count_at(t, jnp.less_equal), lo, hi, n_pruned)
-    # One pass for both: the entries below the threshold and the ties at it, per leaf.
-    xs, ps, t = jax.lax.optimization_barrier((leaves, prevs, threshold))
-    key_ts = [(_keys(x, p), _column(t, x.ndim, a)) for x, p, a in zip(xs, ps, axes, strict=True)]
-    tie_counts = [_count(k == kt, a) for (k, kt), a in zip(key_ts, axes, strict=True)]
-    below = sum(_count(k < kt, a) for (k, kt), a in zip(key_ts, axes, strict=True))
+    b = _start(leaves, prevs, axis, n, n_pruned, count_pair)
+
+    def everywhere(lo, hi):
+        threshold = _bisect(lambda t: count_at(t, jnp.less_equal), lo, hi, n_pruned)
+        # One pass for both: the entries below the threshold and the ties at it, per leaf.
+        xs, ps, t = jax.lax.optimization_barrier((leaves, prevs, threshold))
+        key_ts = [
+            (_keys(x, p), _column(t, x.ndim, a)) for x, p, a in zip(xs, ps, axes, strict=True)
+        ]
+        ties = tuple(_count(k == kt, a) for (k, kt), a in zip(key_ts, axes, strict=True))
+        below = sum(_count(k < kt, a) for (k, kt), a in zip(key_ts, axes, strict=True))
+        return threshold, below, ties
+
+    if gather and axis is None and n >= _SAMPLE_FROM:
+        b = _narrowed_to(b, count_pair, n_pruned, math.isqrt(n))
+        threshold, below, tie_counts = _among_candidates(leaves, prevs, b, n_pruned, everywhere)
+    else:
+        threshold, below, tie_counts = everywhere(b.lo, b.hi)
     need = n_pruned - below  # entries equal to the threshold still to prune, in rank order
     out = []
     for x, p, key, axis, ties in zip(leaves, prevs, keys, axes, tie_counts, strict=True):
@@ -248,9 +308,10 @@ def _ranked_keep(
             functools.partial(_tie_cut, x, p, threshold, axis, partial, hi, take),
             lambda hi=hi: hi,
         )
-        t = _column(threshold, key.ndim, axis)
-        pos = _positions(key.shape, axis)
-        pruned = (key < t) | ((key == t) & (pos < _column(cut, key.ndim, axis)))
+        # Keys recomputed behind a barrier tied to the cut: else XLA keeps them from the start.
+        x, p, t, cut = jax.lax.optimization_barrier((x, p, threshold, cut))
+        key, t = _keys(x, p), _column(t, key.ndim, axis)
+        pruned = (key < t) | ((key == t) & _before(key.shape, axis, cut))
         out.append(~pruned)
     return tuple(out)
 
@@ -262,12 +323,102 @@ def _tie_cut(x, prev, threshold, axis, partial, hi, take) -> jax.Array:
         xs, ps, t, c = jax.lax.optimization_barrier((x, prev, threshold, c))
         key = _keys(xs, ps)
         tied = key == _column(t, key.ndim, axis)
-        return _count(tied & (_positions(key.shape, axis) < _column(c, key.ndim, axis)), axis)
+        return _count(tied & _before(key.shape, axis, c), axis)
 
     return _bisect(count_before, jnp.where(partial, -1, hi - 1), hi, take)
 
 
-ranked_keep = jax.jit(_ranked_keep, static_argnames="axes")
+def _block_size(n: int) -> int:
+    """Entries per candidate block: a power of two near ``sqrt(n) / 8`` (at least 16).
+
+    About ``8 * sqrt(n)`` blocks, so an eighth of them is about twice the entries that the
+    start's bracket holds on smooth data (about ``sqrt(n) / 2``, each in a block of its own),
+    and finding the flagged ones stays cheap.
+    """
+    return max(16, 1 << round(math.log2(math.sqrt(n) / 8)))
+
+
+def _first_true(flags: jax.Array, cap: int) -> jax.Array:
+    """Indices of the first ``cap`` true entries of a 1-D ``flags``, padded with ``len(flags)``.
+
+    ``jnp.nonzero(size=cap)``'s answer at about half its cost on CPU: ranks within rows of 128
+    by a product with a triangular matrix (exact: sums of at most 128 ones), then one scatter.
+    """
+    n, row = flags.shape[0], 128
+    padded = jnp.pad(flags, (0, -n % row)).reshape(-1, row).astype(jnp.float32)
+    upper = jnp.triu(jnp.ones((row, row), jnp.float32))
+    within = jnp.dot(padded, upper, precision=jax.lax.Precision.HIGHEST).astype(jnp.int32)
+    before = jnp.cumsum(within[:, -1]) - within[:, -1]
+    rank = (within + before[:, None]).reshape(-1)[:n] - 1
+    where = jnp.where(flags, rank, cap)  # rank >= cap, or no flag: dropped
+    return jnp.full(cap, n, jnp.int32).at[where].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+
+
+def _candidate_keys(
+    x: jax.Array, prev: jax.Array | None, lo: jax.Array, hi: jax.Array, size: int
+) -> tuple[jax.Array, jax.Array]:
+    """The keys in ``(lo, hi]`` of the flagged blocks of one leaf (``_KEY_MAX`` elsewhere).
+
+    Returns them, shape ``(cap, size)`` with ``cap`` an eighth of the leaf's blocks (half a
+    byte per weight), and whether every flagged block fitted. A leaf under eight blocks is
+    taken whole.
+    """
+    flat = x.reshape(-1)
+    p = None if prev is None else prev.reshape(-1)
+    n = flat.shape[0]
+
+    def inside(key):
+        return (key > lo) & (key <= hi)
+
+    if n < 8 * size:
+        key = _keys(flat, p)
+        return jnp.where(inside(key), key, _KEY_MAX)[None], jnp.array(True)
+    full = n // size * size
+    flags = jnp.any(
+        inside(_keys(flat[:full], None if p is None else p[:full])).reshape(-1, size), 1
+    )
+    if full < n:
+        tail = jnp.any(inside(_keys(flat[full:], None if p is None else p[full:])))
+        flags = jnp.concatenate([flags, tail[None]])
+    blocks = flags.shape[0]
+    cap = blocks // 8
+    index = _first_true(flags, cap)
+    # The last block may be short: its slice starts earlier and skips what the one before holds.
+    start = jnp.minimum(index * size, n - size)
+
+    def block(a):
+        return jax.vmap(lambda s: jax.lax.dynamic_slice(a, (s,), (size,)))(start)
+
+    key = _keys(block(flat), None if p is None else block(p))
+    own = start[:, None] + jnp.arange(size)[None, :] >= (index * size)[:, None]
+    keys = jnp.where(own & (index < blocks)[:, None] & inside(key), key, _KEY_MAX)
+    return keys, jnp.sum(flags, dtype=jnp.int32) <= cap
+
+
+def _among_candidates(leaves, prevs, b: _Bracket, n_pruned, everywhere):
+    """``everywhere``'s answer (threshold key, count below it, ties per leaf) from few entries.
+
+    Only the blocks holding entries in ``b``'s bracket are searched: every entry in ``(lo, hi]``
+    (the ties at the threshold among them) lies in one and ``count(lo)`` is known, so the counts
+    are exact. When the flagged blocks of some leaf overflow their share, ``everywhere``
+    (bisection over all weights) answers instead.
+    """
+    size = _block_size(sum(math.prod(x.shape) for x in leaves))
+    found = [_candidate_keys(x, p, b.lo, b.hi, size) for x, p in zip(leaves, prevs, strict=True)]
+    keys = tuple(k for k, _ in found)
+
+    def among(lo, hi):
+        t = _bisect(
+            lambda t: b.count_lo + sum(_count(k <= t, None) for k in keys), lo, hi, n_pruned
+        )
+        below = b.count_lo + sum(_count(k < t, None) for k in keys)
+        return t, below, tuple(_count(k == t, None) for k in keys)
+
+    fitted = functools.reduce(jnp.logical_and, [ok for _, ok in found])
+    return jax.lax.cond(fitted, among, everywhere, b.lo, b.hi)
+
+
+ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "gather"))
 
 
 def check_countable(what: str, n: int) -> None:

@@ -416,20 +416,26 @@ class Unit(NamedTuple):
 
 
 @jax.jit
-def _all_finite(leaf: jax.Array) -> jax.Array:
-    return jnp.isfinite(leaf).all()
+def _all_finite(leaves: tuple[jax.Array, ...]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
 
 
-def check_finite(path: str, leaf: Any) -> None:
-    """Refuses a concrete leaf holding NaN or inf: its magnitudes cannot rank or threshold it.
+def check_finite(leaves: Mapping[str, Any]) -> None:
+    """Refuses concrete leaves (``{path: leaf}``) holding NaN or inf: magnitudes cannot rank them.
 
-    One fetched bool from a reduction, so a sharded leaf is never gathered; traced leaves pass.
+    One compiled reduction per leaf and one fetch of their bools for all: a sharded leaf is
+    never gathered, and the leaves are not waited on one by one. Traced leaves pass.
     """
-    if not isinstance(leaf, jax.core.Tracer) and not jax.device_get(_all_finite(leaf)):
-        raise ValueError(
-            f"params[{path!r}] contains NaN or inf; magnitudes cannot rank or threshold it. Fix "
-            "the weights (e.g. a diverged training run) before computing masks."
-        )
+    concrete = {p: x for p, x in leaves.items() if not isinstance(x, jax.core.Tracer)}
+    if not concrete:
+        return
+    finite = jax.device_get(_all_finite(tuple(concrete.values())))
+    for path, ok in zip(concrete, finite, strict=True):
+        if not ok:
+            raise ValueError(
+                f"params[{path!r}] contains NaN or inf; magnitudes cannot rank or threshold it. "
+                "Fix the weights (e.g. a diverged training run) before computing masks."
+            )
 
 
 def layer_units(params: PyTree, prunable: Mapping[str, bool], axes: Mapping[str, int]) -> list:

@@ -65,9 +65,7 @@ def _prepare(params, previous, where, stacked) -> tuple[dict[str, bool], dict[st
     axes = stacked_axes(params, stacked, prunable)
     if previous is not None:
         check_masks(params, previous, name="previous")
-    for path, leaf in leaves_with_paths(params):
-        if prunable[path]:
-            check_finite(path, leaf)
+    check_finite({p: leaf for p, leaf in leaves_with_paths(params) if prunable[p]})
     return prunable, axes
 
 
@@ -166,6 +164,19 @@ def _keep_above_std(
     return keep if prev is None else keep & prev
 
 
+def _on_one_device(leaves) -> bool:
+    """Whether gathering entries is safe: one device in all, or every leaf concrete on one.
+
+    Traced leaves on several devices may be sharded (their placement is not known while
+    tracing): those are ranked by reductions only.
+    """
+    if jax.device_count() == 1:
+        return True
+    return all(
+        not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) == 1 for x in leaves
+    )
+
+
 def _pruned_count(sparsity: Any, n: int) -> Any:
     # Round half up; exact in Python for a concrete sparsity, float32 when traced.
     if is_traced(sparsity):
@@ -191,14 +202,17 @@ def masks_for_sparsity(
     they are pruned first and stay pruned; if they already exceed the target, the result is
     ``previous`` itself.
 
-    Nothing is sorted: the threshold is found by bisection on counts (about 32 passes over the
-    weights; about 16-20 on layers of ``2**16`` weights or more, where a strided sample's
-    quantiles and two interpolation passes narrow the range first), plus a few dozen over the
-    entries tied at the threshold when a tie must be split.
-    Sharded kernels need only reductions: the masks keep the params' sharding, and global scope
-    sums counts across leaves and devices instead of gathering the weights. XLA's temporaries
-    are about half a byte per weight of the leaf being ranked (of all prunable leaves in global
-    scope), beside the masks themselves.
+    Nothing is sorted: the threshold is found by bisection on counts. On layers of ``2**16``
+    weights or more, a strided sample's quantiles and a few interpolation passes first narrow
+    the range to about ``sqrt(n) / 2`` weights; on one device, those are gathered (the blocks
+    of ``sqrt(n) / 8`` entries that hold them, at most an eighth of the blocks) and the
+    bisection runs over them only: about eight counting passes over all the weights. Leaves
+    on several devices (or traced, with several devices present) may be sharded: they need
+    only reductions (about 16-20 passes), the masks keep the params' sharding,
+    and global scope sums counts across leaves and devices instead of gathering the weights.
+    A few dozen passes more run over the entries tied at the threshold when a tie must be
+    split. XLA's temporaries are about half a byte per weight of the leaves being ranked,
+    beside the masks themselves.
 
     Args:
       params: a pytree of parameters.
@@ -247,6 +261,8 @@ def masks_for_sparsity(
     prev_of = dict(leaves_with_paths(previous)) if previous is not None else {}
     chosen = [(p, jnp.asarray(leaf)) for p, leaf in leaves_with_paths(params) if prunable[p]]
 
+    gather = _on_one_device(leaf for _, leaf in chosen)
+
     def prev(path: str) -> jax.Array | None:
         return jnp.asarray(prev_of[path], dtype=bool) if path in prev_of else None
 
@@ -263,7 +279,7 @@ def masks_for_sparsity(
             check_countable(f"params[{p!r}]", n)
             counts = [jnp.asarray(_pruned_count(frac.get(u, 0.0), n), jnp.int32) for u in slices]
             n_pruned = counts[0] if axis is None else jnp.stack(counts)
-            (keep_of[p],) = ranked_keep((leaf,), (prev(p),), (axis,), n_pruned)
+            (keep_of[p],) = ranked_keep((leaf,), (prev(p),), (axis,), n_pruned, gather)
     else:
         total = sum(leaf.size for _, leaf in chosen)
         check_countable("the prunable leaves together", total)
@@ -272,6 +288,7 @@ def masks_for_sparsity(
             tuple(prev(p) for p, _ in chosen),
             (None,) * len(chosen),
             jnp.asarray(_pruned_count(sparsity, total), jnp.int32),
+            gather,
         )
         keep_of = {p: k for (p, _), k in zip(chosen, keeps, strict=True)}
 

@@ -240,8 +240,8 @@ def nm_masks(
                 "within a layer: pass another axis=."
             )
         _check_groups(path, shape, a, m)
-        check_finite(path, leaf)
         axes[path] = a
+    check_finite({p: leaf for p, leaf in entries if p in axes})
 
     def one(keypath: tuple, leaf: Any, prev: Any) -> Any:
         path = path_str(keypath)

@@ -6,7 +6,7 @@ import hypothesis.extra.numpy as hnp
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import jaxprune
@@ -234,3 +234,53 @@ def test_large_layers_equal_the_sorting_reference(seed, sparsity, kind, scope, w
     want = reference_masks(kernels, sparsity, scope, prevs)
     for g, w in zip(kernel_masks(masks, 2), want, strict=True):
         assert np.array_equal(g, w)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    sparsities,
+    st.sampled_from(["normal", "uniform", "clustered"]),
+    st.sampled_from(["layer", "global"]),
+    st.booleans(),
+)
+@example(seed=0, sparsity=0.5, kind="clustered", scope="layer", with_previous=False)  # overflows
+def test_candidate_blocks_equal_the_sorting_reference(seed, sparsity, kind, scope, with_previous):
+    # On one device, a ranked set of 2**16 weights or more is searched among the blocks that hold
+    # the start's bracket. A short last block (263 * 257 weights), a small leaf taken whole
+    # (global scope), magnitudes at a power of two (uniform: more interpolation passes) and a
+    # cluster a few ulps wide that overflows the blocks' share (the bisection over every weight
+    # answers then) must all give the sort's answer.
+    rng = np.random.default_rng(seed)
+    shape = (263, 257)
+    if kind == "normal":
+        kernel = rng.normal(size=shape)
+    elif kind == "uniform":
+        kernel = rng.uniform(-1, 1, size=shape)
+    else:
+        kernel = rng.normal(size=shape)
+        cluster = rng.random(shape) < 0.4
+        kernel[cluster] = 1.0 + rng.integers(0, 64, size=cluster.sum()) * 2.0**-23
+    kernels = [kernel.astype(np.float32), rng.normal(size=(5, 9)).astype(np.float32)]
+    prevs = [
+        rng.random(k.shape) > 0.25 if with_previous else np.ones(k.shape, bool) for k in kernels
+    ]
+    params = params_of(kernels)
+    prev_tree = jax.tree.map(lambda x: np.ones(x.shape, bool), params)
+    for i, p in enumerate(prevs):
+        prev_tree[f"Dense_{i}"]["kernel"] = p
+    masks = jaxprune.masks_for_sparsity(params, sparsity, scope=scope, previous=prev_tree)
+    want = reference_masks(kernels, sparsity, scope, prevs)
+    for g, w in zip(kernel_masks(masks, 2), want, strict=True):
+        assert np.array_equal(g, w)
+
+
+@settings(max_examples=30, deadline=None)
+@given(hnp.arrays(bool, st.integers(1, 700)), st.data())
+def test_first_true_is_nonzero_padded(flags, data):
+    from jaxprune._ranking import _first_true
+
+    cap = data.draw(st.integers(1, flags.size))
+    want = np.nonzero(flags)[0][:cap]
+    want = np.concatenate([want, np.full(cap - want.size, flags.size)])
+    assert np.array_equal(np.asarray(_first_true(flags, cap)), want)
