@@ -9,14 +9,12 @@ Then the scaling table: ``masks_for_sparsity`` (layer and global scope) beside `
 at 1M / 10M / 100M parameters, each row with the others' load while it ran (one figure per row:
 /proc/stat counts in 10 ms ticks, too coarse for one call of the small trees).
 
-Measured here (2 shared cores, others' load 0.00-0.01 cores, two full runs): at 100.7M,
-``masks_for_sparsity`` took 2.2x / 2.7x ``compute_masks`` in layer scope and 2.6x / 3.0x in
-global scope (at 10.5M: 2.2-2.3x and 3.5-4.0x); before the sampled start, the interpolation
-passes and the uint8 group counts (commit 1df9428) the same table read 5.7x and 16.3x at 100.7M.
-The issue's goal, 2x, is not reached yet. On a second machine (AMD EPYC, two quiet runs) the
-same table read 3.5x / 4.1x (layer) and 4.6x / 4.5x (global) at 100.7M: compute_masks is
-relatively faster there (about 100 ms eager). Three or four interpolation passes instead of two
-did not help there (3.7x / 4.3x and 4.8x / 5.0x, one run each).
+Measured (2 shared cores, AMD EPYC, others' load 0.00-0.01 cores, two full runs): at 100.7M,
+``masks_for_sparsity`` took 2.4x / 2.4x ``compute_masks`` in layer scope and 2.3x / 2.3x in
+global scope, after the bisection moved to the gathered blocks that hold the start's bracket;
+the same table read 3.5-4.1x and 4.5-4.6x there before that, and 5.7x / 16.3x (on another
+machine) before the sampled start. The issue's goal, 2x, is not reached. Under jit, masks plus
+XLA's temporaries came to 1.27 (layer) and 1.50 (global) bytes per parameter.
 
     python benchmarks/masks.py            # 24 matrices of 2048x2048 (about 100M float32)
     python benchmarks/masks.py --quick    # 4 matrices of 512x512; the table at 65K and 1M
