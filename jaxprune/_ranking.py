@@ -4,8 +4,9 @@ Each weight's key is the int32 bit pattern of its float32 magnitude (which order
 ``-1`` where already pruned; bisection on counts finds the threshold key (on large layers starting
 from the bracket that two quantiles of a strided sample give, checked by one counting pass and
 narrowed by interpolation), then a second bisection on position splits the ties at it, so the
-result is the stable sort's (earlier entry pruned first). Sharded leaves need only reductions; on
-one device, the bisection runs over the few blocks of entries inside the start's bracket."""
+result is the stable sort's (earlier entry pruned first). Sharded leaves need only reductions. On
+one device each counting pass also counts per block of 128 entries, so the blocks holding entries
+inside the bracket are known without another pass, and the bisection runs over those few."""
 
 from __future__ import annotations
 
@@ -82,6 +83,44 @@ def _count(x: jax.Array, axis: int | None) -> jax.Array:
     return count
 
 
+_COUNTED = 128  # entries per block that a pass counts in (a candidate block holds whole ones)
+
+
+def _block_counts(key: jax.Array, t: jax.Array, size: int) -> jax.Array:
+    """Keys ``<= t`` per block of ``size`` (at most 255) consecutive entries, as uint8.
+
+    Row-major; the last block may be short. Groups of 16 entries a block apart are summed first
+    (a reduction over a major axis, which XLA on CPU vectorises): as fast as :func:`_count`.
+    """
+    flat = key.reshape(-1)
+    n = flat.shape[0]
+    full = n // size * size
+    parts = []
+    if full:
+        below = (flat[:full] <= t).reshape(-1, 16, size // 16)
+        parts.append(jnp.sum(jnp.sum(below, axis=1, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8))
+    if full < n:
+        parts.append(jnp.sum(flat[full:] <= t, dtype=jnp.uint8)[None])
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _block_sizes(n: int, size: int) -> jax.Array:
+    """The entries of each block that :func:`_block_counts` counts in."""
+    sizes = np.full(-(-n // size), size, np.uint8)
+    sizes[-1] = n - size * (len(sizes) - 1)
+    return jnp.asarray(sizes)
+
+
+def _flagged(counts_lo: jax.Array, counts_hi: jax.Array, per: int) -> jax.Array:
+    """Whether each group of ``per`` counted blocks (the last may be short) has entries between."""
+    differ = counts_hi > counts_lo
+    return jnp.any(jnp.pad(differ, (0, -differ.shape[0] % per)).reshape(-1, per), axis=1)
+
+
+def _total(counts: tuple[jax.Array, ...]) -> jax.Array:
+    return functools.reduce(jnp.add, [jnp.sum(c, dtype=jnp.int32) for c in counts])
+
+
 def _column(t: jax.Array, ndim: int, axis: int | None) -> jax.Array:
     """Reshapes per-slice values (shape ``(n,)``) to broadcast along ``axis``; scalars as they are."""
     if axis is None:
@@ -133,26 +172,37 @@ def _sample_keys(
 
 
 class _Bracket(NamedTuple):
-    """Keys with ``count(lo) < target <= count(hi)``, and those counts, elementwise."""
+    """Keys with ``count(lo) < target <= count(hi)``, and those counts, elementwise.
+
+    With blocks (one device), also each leaf's counts per block of entries at both keys: where
+    they differ, the block holds entries inside the bracket.
+    """
 
     lo: jax.Array
     hi: jax.Array
     count_lo: jax.Array
     count_hi: jax.Array
+    blocks_lo: tuple[jax.Array, ...] = ()
+    blocks_hi: tuple[jax.Array, ...] = ()
 
 
 def _narrowed(b: _Bracket, a, c, count_pair, target: jax.Array) -> _Bracket:
     """The bracket after counting at keys ``lo < a <= c < hi`` (kept where already adjacent)."""
-    count_a, count_c = count_pair(a, c)
+    count_a, count_c, blocks_a, blocks_c = count_pair(a, c)
     above, inside = count_c < target, count_a < target
-    new = _Bracket(
-        jnp.where(above, c, jnp.where(inside, a, b.lo)),
-        jnp.where(above, b.hi, jnp.where(inside, c, a)),
-        jnp.where(above, count_c, jnp.where(inside, count_a, b.count_lo)),
-        jnp.where(above, b.count_hi, jnp.where(inside, count_c, count_a)),
-    )
     done = b.hi <= b.lo + 1
-    return _Bracket(*(jnp.where(done, old, x) for old, x in zip(b, new, strict=True)))
+
+    def ends(lo, hi, at_a, at_c):
+        new_lo = jnp.where(above, at_c, jnp.where(inside, at_a, lo))
+        new_hi = jnp.where(above, hi, jnp.where(inside, at_c, at_a))
+        return jnp.where(done, lo, new_lo), jnp.where(done, hi, new_hi)
+
+    lo, hi = ends(b.lo, b.hi, a, c)
+    count_lo, count_hi = ends(b.count_lo, b.count_hi, count_a, count_c)
+    blocks = [ends(*x) for x in zip(b.blocks_lo, b.blocks_hi, blocks_a, blocks_c, strict=True)]
+    return _Bracket(
+        lo, hi, count_lo, count_hi, tuple(x for x, _ in blocks), tuple(y for _, y in blocks)
+    )
 
 
 def _interpolated(b: _Bracket, count_pair, target: jax.Array) -> _Bracket:
@@ -175,7 +225,47 @@ def _interpolated(b: _Bracket, count_pair, target: jax.Array) -> _Bracket:
     return _narrowed(b, a, jnp.maximum(a, key_at(at + spread)), count_pair, target)
 
 
+def _sample_keys_at(sample: jax.Array, ranks: jax.Array, slack: jax.Array) -> jax.Array:
+    """Keys around the sample's order statistics at ``ranks`` (``(slices, 2)``): lower, upper.
+
+    Bisection on counts over the sample, stopped once at most ``slack`` sample entries lie
+    between the ends (the exact order statistics are not needed, only two keys near them): the
+    first rank takes the lower end and the second the upper one, so the keys only widen the
+    bracket they start. About half the passes of an exact search.
+    """
+
+    def count(t):
+        return jnp.sum(sample[:, None, :] <= t[..., None], axis=-1, dtype=jnp.int32)
+
+    def body(c):
+        lo, hi, count_lo, count_hi = c
+        mid = (lo & hi) + ((lo ^ hi) >> 1)
+        at_mid = count(mid)
+        enough = at_mid >= ranks + 1
+        return (
+            jnp.where(enough, lo, mid),
+            jnp.where(enough, mid, hi),
+            jnp.where(enough, count_lo, at_mid),
+            jnp.where(enough, at_mid, count_hi),
+        )
+
+    def wider(c):
+        lo, hi, count_lo, count_hi = c
+        return jnp.any((hi > lo + 1) & ((count_hi - count_lo).astype(slack.dtype) > slack))
+
+    m = sample.shape[1]
+    start = (
+        jnp.full(ranks.shape, _PRUNED_KEY - 1, jnp.int32),
+        jnp.full(ranks.shape, _KEY_TOP, jnp.int32),
+        jnp.zeros(ranks.shape, jnp.int32),
+        jnp.full(ranks.shape, m, jnp.int32),
+    )
+    lo, hi, _, _ = jax.lax.while_loop(wider, body, start)
+    return jnp.stack([jnp.maximum(lo[:, 0], _PRUNED_KEY), hi[:, 1]], -1)
+
+
 def _start(
+    b: _Bracket,
     leaves: tuple[jax.Array, ...],
     prevs: tuple[jax.Array | None, ...],
     axis: int | None,
@@ -183,19 +273,13 @@ def _start(
     target: jax.Array,
     count_pair,
 ) -> _Bracket:
-    """Keys ``lo < hi`` with ``count(lo) < target <= count(hi)``, elementwise, and their counts.
+    """``b`` (the whole key range) narrowed where ``n`` is large, keeping its invariant.
 
-    The whole key range, narrowed where ``n`` is large by one counting pass at two keys of a
-    strided sample, a few standard deviations of its rank either side of the target quantile
-    (about 12 fewer bisection passes on smooth data, none lost when the sample misleads), then
-    by two interpolation passes (about 4 fewer bisection passes again on 2**20 weights).
+    First by one counting pass at two keys of a strided sample, a few standard deviations of its
+    rank either side of the target quantile (about 12 fewer bisection passes on smooth data,
+    none lost when the sample misleads), then by two interpolation passes (about 4 fewer
+    bisection passes again on 2**20 weights).
     """
-    b = _Bracket(
-        jnp.full(target.shape, _PRUNED_KEY - 1, jnp.int32),
-        jnp.full(target.shape, _KEY_TOP, jnp.int32),
-        jnp.zeros(target.shape, jnp.int32),
-        jnp.full(target.shape, n, jnp.int32),
-    )
     if n < _SAMPLE_FROM:
         return b
     sample = _sample_keys(leaves, prevs, axis, min(_SAMPLE_MAX, 8 * math.isqrt(n)))
@@ -204,13 +288,8 @@ def _start(
     margin = 4.0 * jnp.sqrt(m * p * (1.0 - p)) + 2.0
     at = jnp.stack([p * m - margin, p * m + margin], -1)
     at = jnp.clip(at, 0, m - 1).astype(jnp.int32).reshape(-1, 2)
-    # The sample's order statistics at those ranks, by bisection (cheaper than sorting it).
-    ends = (jnp.full(at.shape, _PRUNED_KEY - 1, jnp.int32), jnp.full(at.shape, _KEY_TOP, jnp.int32))
-    ac = _bisect(
-        lambda t: jnp.sum(sample[:, None, :] <= t[..., None], axis=-1, dtype=jnp.int32),
-        *ends,
-        at + 1,
-    ).reshape(*target.shape, 2)
+    ac = _sample_keys_at(sample, at, jnp.maximum(margin, 4.0).reshape(-1, 1) / 4)
+    ac = ac.reshape(*target.shape, 2)
     # a <= c (ranks in order), both in the whole range: the bracket's ends are never hit.
     b = _narrowed(b, ac[..., 0], ac[..., 1], count_pair, target)
     for _ in range(2):
@@ -249,7 +328,7 @@ def _ranked_keep(
     bisection on counts (the threshold key, then the position cut among the entries equal to
     it), so nothing is sorted and sharded leaves need only reductions. With ``gather`` (leaves on
     one device), the threshold is searched among the few blocks of entries inside the start's
-    bracket instead of over every weight.
+    bracket instead of over every weight (the passes that narrow it count per block too).
     """
     keys = [_keys(x, p) for x, p in zip(leaves, prevs, strict=True)]
 
@@ -262,20 +341,38 @@ def _ranked_keep(
             for x, p, a in zip(xs, ps, axes, strict=True)
         )
 
-    def count_pair(a, c):
-        xs, ps, a, c = jax.lax.optimization_barrier((leaves, prevs, a, c))
-        counts = [
-            (
-                _count(key <= _column(a, x.ndim, ax), ax),
-                _count(key <= _column(c, x.ndim, ax), ax),
-            )
-            for key, x, ax in ((_keys(x, p), x, ax) for x, p, ax in zip(xs, ps, axes, strict=True))
-        ]
-        return sum(ca for ca, _ in counts), sum(cc for _, cc in counts)
-
     axis = axes[0] if len(leaves) == 1 else None
     n = sum(math.prod(x.shape) for x in leaves) // (1 if axis is None else leaves[0].shape[axis])
-    b = _start(leaves, prevs, axis, n, n_pruned, count_pair)
+    gather = gather and axis is None and n >= _SAMPLE_FROM
+    size = _block_size(n) if gather else 0  # entries per candidate block
+    counted = min(size, _COUNTED)  # with gather, passes count per block of this many
+
+    def count_pair(a, c):
+        xs, ps, a, c = jax.lax.optimization_barrier((leaves, prevs, a, c))
+        keys = [_keys(x, p) for x, p in zip(xs, ps, strict=True)]
+        if gather:
+            at_a = tuple(_block_counts(key, a, counted) for key in keys)
+            at_c = tuple(_block_counts(key, c, counted) for key in keys)
+            return _total(at_a), _total(at_c), at_a, at_c
+        counts = [
+            (
+                _count(key <= _column(a, key.ndim, ax), ax),
+                _count(key <= _column(c, key.ndim, ax), ax),
+            )
+            for key, ax in zip(keys, axes, strict=True)
+        ]
+        return sum(ca for ca, _ in counts), sum(cc for _, cc in counts), (), ()
+
+    b = _Bracket(
+        jnp.full(n_pruned.shape, _PRUNED_KEY - 1, jnp.int32),
+        jnp.full(n_pruned.shape, _KEY_TOP, jnp.int32),
+        jnp.zeros(n_pruned.shape, jnp.int32),
+        jnp.full(n_pruned.shape, n, jnp.int32),
+    )
+    if gather:  # at the top end every block may hold entries of the bracket
+        sizes = [_block_sizes(math.prod(x.shape), counted) for x in leaves]
+        b = b._replace(blocks_lo=tuple(jnp.zeros_like(s) for s in sizes), blocks_hi=tuple(sizes))
+    b = _start(b, leaves, prevs, axis, n, n_pruned, count_pair)
 
     def everywhere(lo, hi):
         threshold = _bisect(lambda t: count_at(t, jnp.less_equal), lo, hi, n_pruned)
@@ -288,9 +385,11 @@ def _ranked_keep(
         below = sum(_count(k < kt, a) for (k, kt), a in zip(key_ts, axes, strict=True))
         return threshold, below, ties
 
-    if gather and axis is None and n >= _SAMPLE_FROM:
+    if gather:
         b = _narrowed_to(b, count_pair, n_pruned, math.isqrt(n))
-        threshold, below, tie_counts = _among_candidates(leaves, prevs, b, n_pruned, everywhere)
+        threshold, below, tie_counts = _among_candidates(
+            leaves, prevs, b, n_pruned, everywhere, size
+        )
     else:
         threshold, below, tie_counts = everywhere(b.lo, b.hi)
     need = n_pruned - below  # entries equal to the threshold still to prune, in rank order
@@ -331,9 +430,9 @@ def _tie_cut(x, prev, threshold, axis, partial, hi, take) -> jax.Array:
 def _block_size(n: int) -> int:
     """Entries per candidate block: a power of two near ``sqrt(n) / 8`` (at least 16).
 
-    About ``8 * sqrt(n)`` blocks, so an eighth of them is about twice the entries that the
-    start's bracket holds on smooth data (about ``sqrt(n) / 2``, each in a block of its own),
-    and finding the flagged ones stays cheap.
+    About ``8 * sqrt(n)`` blocks. On smooth data the start's bracket holds about ``sqrt(n) / 10``
+    to ``sqrt(n) / 2`` entries, each in a block of its own, so the flagged blocks fit in a 32nd
+    to an eighth of them, and finding them stays cheap.
     """
     return max(16, 1 << round(math.log2(math.sqrt(n) / 8)))
 
@@ -355,13 +454,17 @@ def _first_true(flags: jax.Array, cap: int) -> jax.Array:
 
 
 def _candidate_keys(
-    x: jax.Array, prev: jax.Array | None, lo: jax.Array, hi: jax.Array, size: int
-) -> tuple[jax.Array, jax.Array]:
-    """The keys in ``(lo, hi]`` of the flagged blocks of one leaf (``_KEY_MAX`` elsewhere).
+    x: jax.Array,
+    prev: jax.Array | None,
+    flags: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    size: int,
+    cap: int,
+) -> jax.Array:
+    """The keys in ``(lo, hi]`` of the first ``cap`` flagged blocks of one leaf, else ``_KEY_MAX``.
 
-    Returns them, shape ``(cap, size)`` with ``cap`` an eighth of the leaf's blocks (half a
-    byte per weight), and whether every flagged block fitted. A leaf under eight blocks is
-    taken whole.
+    Shape ``(cap, size)``. A leaf under eight blocks is taken whole (``cap`` unused).
     """
     flat = x.reshape(-1)
     p = None if prev is None else prev.reshape(-1)
@@ -372,16 +475,7 @@ def _candidate_keys(
 
     if n < 8 * size:
         key = _keys(flat, p)
-        return jnp.where(inside(key), key, _KEY_MAX)[None], jnp.array(True)
-    full = n // size * size
-    flags = jnp.any(
-        inside(_keys(flat[:full], None if p is None else p[:full])).reshape(-1, size), 1
-    )
-    if full < n:
-        tail = jnp.any(inside(_keys(flat[full:], None if p is None else p[full:])))
-        flags = jnp.concatenate([flags, tail[None]])
-    blocks = flags.shape[0]
-    cap = blocks // 8
+        return jnp.where(inside(key), key, _KEY_MAX)[None]
     index = _first_true(flags, cap)
     # The last block may be short: its slice starts earlier and skips what the one before holds.
     start = jnp.minimum(index * size, n - size)
@@ -391,31 +485,49 @@ def _candidate_keys(
 
     key = _keys(block(flat), None if p is None else block(p))
     own = start[:, None] + jnp.arange(size)[None, :] >= (index * size)[:, None]
-    keys = jnp.where(own & (index < blocks)[:, None] & inside(key), key, _KEY_MAX)
-    return keys, jnp.sum(flags, dtype=jnp.int32) <= cap
+    return jnp.where(own & (index < flags.shape[0])[:, None] & inside(key), key, _KEY_MAX)
 
 
-def _among_candidates(leaves, prevs, b: _Bracket, n_pruned, everywhere):
+_SHARES = (32, 16, 8)  # one in this many of each leaf's blocks is gathered: the first that fits
+
+
+def _among_candidates(leaves, prevs, b: _Bracket, n_pruned, everywhere, size: int):
     """``everywhere``'s answer (threshold key, count below it, ties per leaf) from few entries.
 
-    Only the blocks holding entries in ``b``'s bracket are searched: every entry in ``(lo, hi]``
-    (the ties at the threshold among them) lies in one and ``count(lo)`` is known, so the counts
-    are exact. When the flagged blocks of some leaf overflow their share, ``everywhere``
+    Only the blocks holding entries in ``b``'s bracket (where its per-block counts differ) are
+    searched: every entry in ``(lo, hi]`` (the ties at the threshold among them) lies in one and
+    ``count(lo)`` is known, so the counts are exact. As many blocks are gathered as the first of
+    ``_SHARES`` fitting every leaf's flagged ones allows; when none does, ``everywhere``
     (bisection over all weights) answers instead.
     """
-    size = _block_size(sum(math.prod(x.shape) for x in leaves))
-    found = [_candidate_keys(x, p, b.lo, b.hi, size) for x, p in zip(leaves, prevs, strict=True)]
-    keys = tuple(k for k, _ in found)
+    per = size // min(size, _COUNTED)
+    flags = [_flagged(lo, hi, per) for lo, hi in zip(b.blocks_lo, b.blocks_hi, strict=True)]
 
-    def among(lo, hi):
-        t = _bisect(
-            lambda t: b.count_lo + sum(_count(k <= t, None) for k in keys), lo, hi, n_pruned
-        )
-        below = b.count_lo + sum(_count(k < t, None) for k in keys)
-        return t, below, tuple(_count(k == t, None) for k in keys)
+    def among(share):
+        caps = [max(1, f.shape[0] // share) for f in flags]
 
-    fitted = functools.reduce(jnp.logical_and, [ok for _, ok in found])
-    return jax.lax.cond(fitted, among, everywhere, b.lo, b.hi)
+        def search(lo, hi):
+            keys = [
+                _candidate_keys(x, p, f, lo, hi, size, cap)
+                for x, p, f, cap in zip(leaves, prevs, flags, caps, strict=True)
+            ]
+            t = _bisect(
+                lambda t: b.count_lo + sum(_count(k <= t, None) for k in keys), lo, hi, n_pruned
+            )
+            below = b.count_lo + sum(_count(k < t, None) for k in keys)
+            return t, below, tuple(_count(k == t, None) for k in keys)
+
+        whole = [math.prod(x.shape) < 8 * size for x in leaves]
+        fits = [
+            (jnp.sum(f, dtype=jnp.int32) <= c) | w
+            for f, c, w in zip(flags, caps, whole, strict=True)
+        ]
+        return search, functools.reduce(jnp.logical_and, fits)
+
+    branches, fits = zip(*(among(share) for share in _SHARES), strict=True)
+    # Fitting is monotone in the share: the branch is the number of shares that do not fit.
+    index = sum(jnp.where(f, 0, 1) for f in fits)
+    return jax.lax.switch(index, [*branches, everywhere], b.lo, b.hi)
 
 
 ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "gather"))

@@ -284,3 +284,26 @@ def test_first_true_is_nonzero_padded(flags, data):
     want = np.nonzero(flags)[0][:cap]
     want = np.concatenate([want, np.full(cap - want.size, flags.size)])
     assert np.array_equal(np.asarray(_first_true(flags, cap)), want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(1, 3000),
+    st.sampled_from([16, 32, 128]),
+    st.sampled_from([1, 2, 4]),
+    st.integers(0, 2**32 - 1),
+)
+def test_block_counts_flag_the_blocks_between_two_keys(n, counted, per, seed):
+    # Each counting pass on one device also counts per block of `counted` entries; a candidate
+    # block (`per` of those, the last of each possibly short) is flagged where the counts at the
+    # bracket's two ends differ, i.e. where it holds a key in (lo, hi].
+    from jaxprune._ranking import _block_counts, _flagged
+
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-1, 40, size=n).astype(np.int32)
+    lo, hi = sorted(rng.integers(-2, 41, size=2).tolist())
+    at_lo, at_hi = (_block_counts(jax.numpy.asarray(keys), np.int32(t), counted) for t in (lo, hi))
+    assert int(np.sum(np.asarray(at_hi), dtype=np.int64)) == np.sum(keys <= hi)
+    size = counted * per
+    want = [np.any((b > lo) & (b <= hi)) for b in np.split(keys, range(size, n, size))]
+    assert np.asarray(_flagged(at_lo, at_hi, per)).tolist() == want
