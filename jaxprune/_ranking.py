@@ -83,6 +83,66 @@ def _count(x: jax.Array, axis: int | None) -> jax.Array:
     return count
 
 
+class Split(NamedTuple):
+    """A leaf laid out over ``mesh`` by ``spec`` (a ``NamedSharding``), every dimension evenly."""
+
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
+    spec: jax.sharding.PartitionSpec
+
+    def _ways(self, entry) -> int:
+        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        return math.prod(self.mesh.shape[a] for a in names)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The mesh axes the leaf is split over, in order."""
+        return tuple(
+            a for e in self.spec if e is not None for a in (e if isinstance(e, tuple) else (e,))
+        )
+
+    @property
+    def shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.axes)
+
+    def divides(self, shape: tuple[int, ...]) -> bool:
+        """Whether every dimension of ``shape`` splits evenly (``shard_map`` needs that)."""
+        return all(d % self._ways(e) == 0 for d, e in zip(shape, self.spec, strict=False))
+
+
+Layout = Split | None  # None: the leaf is whole on every device that holds it
+
+
+def _shards(layout: Layout) -> int:
+    return 1 if layout is None else layout.shards
+
+
+def _local_size(x: jax.Array, layout: Layout) -> int:
+    return math.prod(x.shape) // _shards(layout)
+
+
+def _per_shard(layout: Layout, fn, args: tuple, kinds: str):
+    """``fn`` on each shard of a leaf, its outputs stacked on a new first axis (of shards).
+
+    ``kinds`` gives each argument's layout: ``l`` like the leaf, ``s`` one row per shard (an
+    output of this function), ``r`` replicated. With the leaf whole, ``fn`` runs once on it.
+    """
+
+    def stacked(*a):
+        return jax.tree.map(lambda y: y[None], fn(*a))
+
+    if layout is None:
+        return stacked(*(a[0] if k == "s" else a for a, k in zip(args, kinds, strict=True)))
+    rows = jax.sharding.PartitionSpec(layout.axes)
+    specs = {"l": layout.spec, "s": rows, "r": jax.sharding.PartitionSpec()}
+
+    def local(*a):
+        return stacked(*(x[0] if k == "s" else x for x, k in zip(a, kinds, strict=True)))
+
+    return jax.shard_map(
+        local, mesh=layout.mesh, in_specs=tuple(specs[k] for k in kinds), out_specs=rows
+    )(*args)
+
+
 _COUNTED = 128  # entries per block that a pass counts in (a candidate block holds whole ones)
 
 
@@ -112,9 +172,12 @@ def _block_sizes(n: int, size: int) -> jax.Array:
 
 
 def _flagged(counts_lo: jax.Array, counts_hi: jax.Array, per: int) -> jax.Array:
-    """Whether each group of ``per`` counted blocks (the last may be short) has entries between."""
+    """Whether each group of ``per`` counted blocks (the last may be short) has entries between.
+
+    Along the last axis (one row per shard)."""
     differ = counts_hi > counts_lo
-    return jnp.any(jnp.pad(differ, (0, -differ.shape[0] % per)).reshape(-1, per), axis=1)
+    pad = [(0, 0)] * (differ.ndim - 1) + [(0, -differ.shape[-1] % per)]
+    return jnp.any(jnp.pad(differ, pad).reshape(*differ.shape[:-1], -1, per), axis=-1)
 
 
 def _total(counts: tuple[jax.Array, ...]) -> jax.Array:
@@ -319,16 +382,17 @@ def _ranked_keep(
     prevs: tuple[jax.Array | None, ...],
     axes: tuple[int | None, ...],
     n_pruned: jax.Array,
-    gather: bool = False,
+    layouts: tuple[Layout, ...] | None = None,
 ) -> tuple[jax.Array, ...]:
     """Keeps all but the ``n_pruned`` lowest-ranked entries of the leaves taken together.
 
     The rank is ``(key, leaf, position)``: magnitude first, then flattening order. With one leaf
     and an ``axis``, every slice along it is ranked on its own (``n_pruned`` per slice). Found by
     bisection on counts (the threshold key, then the position cut among the entries equal to
-    it), so nothing is sorted and sharded leaves need only reductions. With ``gather`` (leaves on
-    one device), the threshold is searched among the few blocks of entries inside the start's
-    bracket instead of over every weight (the passes that narrow it count per block too).
+    it), so nothing is sorted and sharded leaves need only reductions. With ``layouts`` (each
+    leaf whole, or split evenly over a mesh), the threshold is searched among the few blocks of
+    entries inside the start's bracket, gathered on each shard, instead of over every weight
+    (the passes that narrow the bracket count per block of each shard too).
     """
     keys = [_keys(x, p) for x, p in zip(leaves, prevs, strict=True)]
 
@@ -343,7 +407,7 @@ def _ranked_keep(
 
     axis = axes[0] if len(leaves) == 1 else None
     n = sum(math.prod(x.shape) for x in leaves) // (1 if axis is None else leaves[0].shape[axis])
-    gather = gather and axis is None and n >= _SAMPLE_FROM
+    gather = layouts is not None and axis is None and n >= _SAMPLE_FROM
     size = _block_size(n) if gather else 0  # entries per candidate block
     counted = min(size, _COUNTED)  # with gather, passes count per block of this many
 
@@ -351,8 +415,22 @@ def _ranked_keep(
         xs, ps, a, c = jax.lax.optimization_barrier((leaves, prevs, a, c))
         keys = [_keys(x, p) for x, p in zip(xs, ps, strict=True)]
         if gather:
-            at_a = tuple(_block_counts(key, a, counted) for key in keys)
-            at_c = tuple(_block_counts(key, c, counted) for key in keys)
+            assert layouts is not None
+            at_a, at_c = zip(
+                *(
+                    _per_shard(
+                        layout,
+                        lambda k, a, c: (
+                            _block_counts(k, a, counted),
+                            _block_counts(k, c, counted),
+                        ),
+                        (key, a, c),
+                        "lrr",
+                    )
+                    for key, layout in zip(keys, layouts, strict=True)
+                ),
+                strict=True,
+            )
             return _total(at_a), _total(at_c), at_a, at_c
         counts = [
             (
@@ -370,7 +448,11 @@ def _ranked_keep(
         jnp.full(n_pruned.shape, n, jnp.int32),
     )
     if gather:  # at the top end every block may hold entries of the bracket
-        sizes = [_block_sizes(math.prod(x.shape), counted) for x in leaves]
+        assert layouts is not None
+        sizes = [
+            jnp.tile(_block_sizes(_local_size(x, s), counted), (_shards(s), 1))
+            for x, s in zip(leaves, layouts, strict=True)
+        ]
         b = b._replace(blocks_lo=tuple(jnp.zeros_like(s) for s in sizes), blocks_hi=tuple(sizes))
     b = _start(b, leaves, prevs, axis, n, n_pruned, count_pair)
 
@@ -388,7 +470,7 @@ def _ranked_keep(
     if gather:
         b = _narrowed_to(b, count_pair, n_pruned, math.isqrt(n))
         threshold, below, tie_counts = _among_candidates(
-            leaves, prevs, b, n_pruned, everywhere, size
+            leaves, prevs, layouts, b, n_pruned, everywhere, size
         )
     else:
         threshold, below, tie_counts = everywhere(b.lo, b.hi)
@@ -464,7 +546,7 @@ def _candidate_keys(
 ) -> jax.Array:
     """The keys in ``(lo, hi]`` of the first ``cap`` flagged blocks of one leaf, else ``_KEY_MAX``.
 
-    Shape ``(cap, size)``. A leaf under eight blocks is taken whole (``cap`` unused).
+    Shape ``(cap, size)``. A leaf (or shard) under eight blocks is taken whole (``cap`` unused).
     """
     flat = x.reshape(-1)
     p = None if prev is None else prev.reshape(-1)
@@ -491,25 +573,40 @@ def _candidate_keys(
 _SHARES = (32, 16, 8)  # one in this many of each leaf's blocks is gathered: the first that fits
 
 
-def _among_candidates(leaves, prevs, b: _Bracket, n_pruned, everywhere, size: int):
+def _among_candidates(leaves, prevs, layouts, b: _Bracket, n_pruned, everywhere, size: int):
     """``everywhere``'s answer (threshold key, count below it, ties per leaf) from few entries.
 
     Only the blocks holding entries in ``b``'s bracket (where its per-block counts differ) are
-    searched: every entry in ``(lo, hi]`` (the ties at the threshold among them) lies in one and
-    ``count(lo)`` is known, so the counts are exact. As many blocks are gathered as the first of
-    ``_SHARES`` fitting every leaf's flagged ones allows; when none does, ``everywhere``
-    (bisection over all weights) answers instead.
+    searched, gathered on each shard: every entry in ``(lo, hi]`` (the ties at the threshold
+    among them) lies in one and ``count(lo)`` is known, so the counts are exact. As many blocks
+    are gathered as the first of ``_SHARES`` fitting every shard's flagged ones allows; when
+    none does, ``everywhere`` (bisection over all weights) answers instead.
     """
     per = size // min(size, _COUNTED)
     flags = [_flagged(lo, hi, per) for lo, hi in zip(b.blocks_lo, b.blocks_hi, strict=True)]
 
+    def gathered(x, p, f, layout, cap, lo, hi):
+        if p is None:
+            return _per_shard(
+                layout,
+                lambda x, f, lo, hi: _candidate_keys(x, None, f, lo, hi, size, cap),
+                (x, f, lo, hi),
+                "lsrr",
+            )
+        return _per_shard(
+            layout,
+            lambda x, p, f, lo, hi: _candidate_keys(x, p, f, lo, hi, size, cap),
+            (x, p, f, lo, hi),
+            "llsrr",
+        )
+
     def among(share):
-        caps = [max(1, f.shape[0] // share) for f in flags]
+        caps = [max(1, f.shape[-1] // share) for f in flags]
 
         def search(lo, hi):
             keys = [
-                _candidate_keys(x, p, f, lo, hi, size, cap)
-                for x, p, f, cap in zip(leaves, prevs, flags, caps, strict=True)
+                gathered(x, p, f, layout, cap, lo, hi)
+                for x, p, f, layout, cap in zip(leaves, prevs, flags, layouts, caps, strict=True)
             ]
             t = _bisect(
                 lambda t: b.count_lo + sum(_count(k <= t, None) for k in keys), lo, hi, n_pruned
@@ -517,10 +614,9 @@ def _among_candidates(leaves, prevs, b: _Bracket, n_pruned, everywhere, size: in
             below = b.count_lo + sum(_count(k < t, None) for k in keys)
             return t, below, tuple(_count(k == t, None) for k in keys)
 
-        whole = [math.prod(x.shape) < 8 * size for x in leaves]
         fits = [
-            (jnp.sum(f, dtype=jnp.int32) <= c) | w
-            for f, c, w in zip(flags, caps, whole, strict=True)
+            (jnp.max(jnp.sum(f, axis=-1, dtype=jnp.int32)) <= c) | (_local_size(x, s) < 8 * size)
+            for f, c, x, s in zip(flags, caps, leaves, layouts, strict=True)
         ]
         return search, functools.reduce(jnp.logical_and, fits)
 
@@ -530,7 +626,7 @@ def _among_candidates(leaves, prevs, b: _Bracket, n_pruned, everywhere, size: in
     return jax.lax.switch(index, [*branches, everywhere], b.lo, b.hi)
 
 
-ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "gather"))
+ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "layouts"))
 
 
 def check_countable(what: str, n: int) -> None:

@@ -22,9 +22,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jaxprune._options import QSpec, check_scalar, is_traced, per_slice, per_unit
-from jaxprune._ranking import check_countable, ranked_keep
+from jaxprune._ranking import Layout, Split, check_countable, ranked_keep
 from jaxprune._text import table
 from jaxprune._tree import (
     PyTree,
@@ -164,17 +165,30 @@ def _keep_above_std(
     return keep if prev is None else keep & prev
 
 
-def _on_one_device(leaves) -> bool:
-    """Whether gathering entries is safe: one device in all, or every leaf concrete on one.
+def _layouts(leaves) -> tuple[Layout, ...] | None:
+    """How each leaf lies, where entries may be gathered per shard; ``None`` where they may not.
 
-    Traced leaves on several devices may be sharded (their placement is not known while
-    tracing): those are ranked by reductions only.
+    A leaf is whole on one device (or replicated), or split evenly over a mesh by a
+    ``NamedSharding``. Traced leaves on several devices may be sharded in ways not known while
+    tracing, and other shardings are not split by mesh axes: those are ranked by reductions only.
     """
     if jax.device_count() == 1:
-        return True
-    return all(
-        not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) == 1 for x in leaves
-    )
+        return tuple(None for _ in leaves)
+    out: list[Layout] = []
+    for x in leaves:
+        if isinstance(x, jax.core.Tracer):
+            return None
+        sharding = x.sharding
+        if len(sharding.device_set) == 1 or sharding.is_fully_replicated:
+            out.append(None)
+            continue
+        if not isinstance(sharding, NamedSharding):
+            return None
+        split = Split(sharding.mesh, sharding.spec)
+        if not split.divides(x.shape):
+            return None
+        out.append(split)
+    return tuple(out)
 
 
 def _pruned_count(sparsity: Any, n: int) -> Any:
@@ -261,7 +275,7 @@ def masks_for_sparsity(
     prev_of = dict(leaves_with_paths(previous)) if previous is not None else {}
     chosen = [(p, jnp.asarray(leaf)) for p, leaf in leaves_with_paths(params) if prunable[p]]
 
-    gather = _on_one_device(leaf for _, leaf in chosen)
+    layouts = _layouts([leaf for _, leaf in chosen])
 
     def prev(path: str) -> jax.Array | None:
         return jnp.asarray(prev_of[path], dtype=bool) if path in prev_of else None
@@ -270,7 +284,7 @@ def masks_for_sparsity(
         units = layer_units(params, prunable, axes)
         frac = per_unit(sparsity, units, name="sparsity", high=1.0, closed_high=False)
         keep_of = {}
-        for p, leaf in chosen:
+        for i, (p, leaf) in enumerate(chosen):
             axis = axes.get(p)
             slices = [u for u in units if u.path == p]
             if not any(u in frac for u in slices):
@@ -279,7 +293,9 @@ def masks_for_sparsity(
             check_countable(f"params[{p!r}]", n)
             counts = [jnp.asarray(_pruned_count(frac.get(u, 0.0), n), jnp.int32) for u in slices]
             n_pruned = counts[0] if axis is None else jnp.stack(counts)
-            (keep_of[p],) = ranked_keep((leaf,), (prev(p),), (axis,), n_pruned, gather)
+            (keep_of[p],) = ranked_keep(
+                (leaf,), (prev(p),), (axis,), n_pruned, None if layouts is None else (layouts[i],)
+            )
     else:
         total = sum(leaf.size for _, leaf in chosen)
         check_countable("the prunable leaves together", total)
@@ -288,7 +304,7 @@ def masks_for_sparsity(
             tuple(prev(p) for p, _ in chosen),
             (None,) * len(chosen),
             jnp.asarray(_pruned_count(sparsity, total), jnp.int32),
-            gather,
+            layouts,
         )
         keep_of = {p: k for (p, _), k in zip(chosen, keeps, strict=True)}
 
