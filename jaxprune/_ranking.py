@@ -131,7 +131,7 @@ def _per_shard(layout: Layout, fn, args: tuple, kinds: str):
         return jax.tree.map(lambda y: y[None], fn(*a))
 
     if layout is None:
-        return stacked(*(a[0] if k == "s" else a for a, k in zip(args, kinds, strict=True)))
+        return fn(*args)
     rows = jax.sharding.PartitionSpec(layout.axes)
     specs = {"l": layout.spec, "s": rows, "r": jax.sharding.PartitionSpec()}
 
@@ -146,22 +146,28 @@ def _per_shard(layout: Layout, fn, args: tuple, kinds: str):
 _COUNTED = 128  # entries per block that a pass counts in (a candidate block holds whole ones)
 
 
-def _block_counts(key: jax.Array, t: jax.Array, size: int) -> jax.Array:
-    """Keys ``<= t`` per block of ``size`` (at most 255) consecutive entries, as uint8.
+def _block_counts(key: jax.Array, a: jax.Array, c: jax.Array, size: int) -> tuple:
+    """Keys ``<= a`` and ``<= c`` per block of ``size`` (at most 255) consecutive entries (uint8).
 
-    Row-major; the last block may be short. Groups of 16 entries a block apart are summed first
-    (a reduction over a major axis, which XLA on CPU vectorises): as fast as :func:`_count`.
+    Row-major; the last block may be short. Both counts ride in one uint16 (``a``'s in the low
+    byte), so one reduction counts both; groups of 16 entries a block apart are summed first (a
+    reduction over a major axis, which XLA on CPU vectorises).
     """
     flat = key.reshape(-1)
     n = flat.shape[0]
     full = n // size * size
+
+    def both(k):
+        return (k <= a).astype(jnp.uint16) | ((k <= c).astype(jnp.uint16) << 8)
+
     parts = []
     if full:
-        below = (flat[:full] <= t).reshape(-1, 16, size // 16)
-        parts.append(jnp.sum(jnp.sum(below, axis=1, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8))
+        packed = both(flat[:full]).reshape(-1, 16, size // 16)
+        parts.append(jnp.sum(jnp.sum(packed, axis=1, dtype=jnp.uint16), axis=-1, dtype=jnp.uint16))
     if full < n:
-        parts.append(jnp.sum(flat[full:] <= t, dtype=jnp.uint8)[None])
-    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        parts.append(jnp.sum(both(flat[full:]), dtype=jnp.uint16)[None])
+    counts = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    return (counts & 0xFF).astype(jnp.uint8), (counts >> 8).astype(jnp.uint8)
 
 
 def _block_sizes(n: int, size: int) -> jax.Array:
@@ -411,6 +417,26 @@ def _ranked_keep(
     size = _block_size(n) if gather else 0  # entries per candidate block
     counted = min(size, _COUNTED)  # with gather, passes count per block of this many
 
+    # Per-block counts travel concatenated, one array per distinct layout: carried through the
+    # loops as one array a leaf, they made XLA's compile time grow faster than the leaf count.
+    order = list(dict.fromkeys(layouts or ()))
+
+    def grouped(per_leaf) -> tuple[jax.Array, ...]:
+        assert layouts is not None
+        return tuple(
+            jnp.concatenate([a for a, s in zip(per_leaf, layouts, strict=True) if s == g], -1)
+            for g in order
+        )
+
+    def ungrouped(groups: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        assert layouts is not None
+        out, start = [], dict.fromkeys(order, 0)
+        for x, s in zip(leaves, layouts, strict=True):
+            blocks = -(-_local_size(x, s) // counted)
+            out.append(groups[order.index(s)][..., start[s] : start[s] + blocks])
+            start[s] += blocks
+        return tuple(out)
+
     def count_pair(a, c):
         xs, ps, a, c = jax.lax.optimization_barrier((leaves, prevs, a, c))
         keys = [_keys(x, p) for x, p in zip(xs, ps, strict=True)]
@@ -420,10 +446,7 @@ def _ranked_keep(
                 *(
                     _per_shard(
                         layout,
-                        lambda k, a, c: (
-                            _block_counts(k, a, counted),
-                            _block_counts(k, c, counted),
-                        ),
+                        lambda k, a, c: _block_counts(k, a, c, counted),
                         (key, a, c),
                         "lrr",
                     )
@@ -431,7 +454,7 @@ def _ranked_keep(
                 ),
                 strict=True,
             )
-            return _total(at_a), _total(at_c), at_a, at_c
+            return _total(at_a), _total(at_c), grouped(at_a), grouped(at_c)
         counts = [
             (
                 _count(key <= _column(a, key.ndim, ax), ax),
@@ -450,10 +473,14 @@ def _ranked_keep(
     if gather:  # at the top end every block may hold entries of the bracket
         assert layouts is not None
         sizes = [
-            jnp.tile(_block_sizes(_local_size(x, s), counted), (_shards(s), 1))
+            _block_sizes(_local_size(x, s), counted)
+            if s is None
+            else jnp.tile(_block_sizes(_local_size(x, s), counted), (_shards(s), 1))
             for x, s in zip(leaves, layouts, strict=True)
         ]
-        b = b._replace(blocks_lo=tuple(jnp.zeros_like(s) for s in sizes), blocks_hi=tuple(sizes))
+        b = b._replace(
+            blocks_lo=grouped([jnp.zeros_like(s) for s in sizes]), blocks_hi=grouped(sizes)
+        )
     b = _start(b, leaves, prevs, axis, n, n_pruned, count_pair)
 
     def everywhere(lo, hi):
@@ -469,6 +496,7 @@ def _ranked_keep(
 
     if gather:
         b = _narrowed_to(b, count_pair, n_pruned, math.isqrt(n))
+        b = b._replace(blocks_lo=ungrouped(b.blocks_lo), blocks_hi=ungrouped(b.blocks_hi))
         threshold, below, tie_counts = _among_candidates(
             leaves, prevs, layouts, b, n_pruned, everywhere, size
         )
@@ -570,60 +598,69 @@ def _candidate_keys(
     return jnp.where(own & (index < flags.shape[0])[:, None] & inside(key), key, _KEY_MAX)
 
 
-_SHARES = (32, 16, 8)  # one in this many of each leaf's blocks is gathered: the first that fits
+def _compacted(keys: jax.Array, most: int) -> jax.Array:
+    """The first ``most`` keys other than ``_KEY_MAX`` (flattened), padded with ``_KEY_MAX``."""
+    flat = keys.reshape(-1)
+    index = _first_true(flat != _KEY_MAX, most)
+    return jnp.where(index < flat.shape[0], flat[jnp.minimum(index, flat.shape[0] - 1)], _KEY_MAX)
 
 
 def _among_candidates(leaves, prevs, layouts, b: _Bracket, n_pruned, everywhere, size: int):
     """``everywhere``'s answer (threshold key, count below it, ties per leaf) from few entries.
 
     Only the blocks holding entries in ``b``'s bracket (where its per-block counts differ) are
-    searched, gathered on each shard: every entry in ``(lo, hi]`` (the ties at the threshold
-    among them) lies in one and ``count(lo)`` is known, so the counts are exact. As many blocks
-    are gathered as the first of ``_SHARES`` fitting every shard's flagged ones allows; when
-    none does, ``everywhere`` (bisection over all weights) answers instead.
+    searched, an eighth of each shard's blocks at most, gathered on each shard: every entry in
+    ``(lo, hi]`` (the ties at the threshold among them) lies in one and ``count(lo)`` is known,
+    so the counts are exact. When the flagged blocks do not fit, ``everywhere`` (bisection over
+    all weights) answers instead. The gathering stays outside that ``cond``: inside a branch,
+    XLA's compile time grows faster than the number of leaves (minutes for 96 in global scope).
     """
     per = size // min(size, _COUNTED)
     flags = [_flagged(lo, hi, per) for lo, hi in zip(b.blocks_lo, b.blocks_hi, strict=True)]
+    caps = [max(1, f.shape[-1] // 8) for f in flags]
+    most = 2 * math.isqrt(sum(math.prod(x.shape) for x in leaves))  # per shard of a split leaf
 
-    def gathered(x, p, f, layout, cap, lo, hi):
+    def gathered(x, p, f, layout, cap):
+        """The leaf's candidate keys; for a split leaf, each shard's few in the bracket, for all.
+
+        The bisection then runs on every device without a collective per step."""
+
+        def local(x, p, f, lo, hi):
+            keys = _candidate_keys(x, p, f, lo, hi, size, cap)
+            return keys if layout is None else _compacted(keys, most)
+
         if p is None:
-            return _per_shard(
-                layout,
-                lambda x, f, lo, hi: _candidate_keys(x, None, f, lo, hi, size, cap),
-                (x, f, lo, hi),
-                "lsrr",
+            keys = _per_shard(
+                layout, lambda x, f, lo, hi: local(x, None, f, lo, hi), (x, f, b.lo, b.hi), "lsrr"
             )
-        return _per_shard(
-            layout,
-            lambda x, p, f, lo, hi: _candidate_keys(x, p, f, lo, hi, size, cap),
-            (x, p, f, lo, hi),
-            "llsrr",
+        else:
+            keys = _per_shard(layout, local, (x, p, f, b.lo, b.hi), "llsrr")
+        if layout is None:
+            return keys
+        everyone = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
+        return jax.lax.with_sharding_constraint(keys, everyone)
+
+    keys = [
+        gathered(x, p, f, layout, cap)
+        for x, p, f, layout, cap in zip(leaves, prevs, flags, layouts, caps, strict=True)
+    ]
+
+    def among(lo, hi):
+        t = _bisect(
+            lambda t: b.count_lo + sum(_count(k <= t, None) for k in keys), lo, hi, n_pruned
         )
+        below = b.count_lo + sum(_count(k < t, None) for k in keys)
+        return t, below, tuple(_count(k == t, None) for k in keys)
 
-    def among(share):
-        caps = [max(1, f.shape[-1] // share) for f in flags]
-
-        def search(lo, hi):
-            keys = [
-                gathered(x, p, f, layout, cap, lo, hi)
-                for x, p, f, layout, cap in zip(leaves, prevs, flags, layouts, caps, strict=True)
-            ]
-            t = _bisect(
-                lambda t: b.count_lo + sum(_count(k <= t, None) for k in keys), lo, hi, n_pruned
-            )
-            below = b.count_lo + sum(_count(k < t, None) for k in keys)
-            return t, below, tuple(_count(k == t, None) for k in keys)
-
-        fits = [
-            (jnp.max(jnp.sum(f, axis=-1, dtype=jnp.int32)) <= c) | (_local_size(x, s) < 8 * size)
-            for f, c, x, s in zip(flags, caps, leaves, layouts, strict=True)
-        ]
-        return search, functools.reduce(jnp.logical_and, fits)
-
-    branches, fits = zip(*(among(share) for share in _SHARES), strict=True)
-    # Fitting is monotone in the share: the branch is the number of shares that do not fit.
-    index = sum(jnp.where(f, 0, 1) for f in fits)
-    return jax.lax.switch(index, [*branches, everywhere], b.lo, b.hi)
+    fits = [
+        (jnp.max(jnp.sum(f, axis=-1, dtype=jnp.int32)) <= c) | (_local_size(x, s) < 8 * size)
+        for f, c, x, s in zip(flags, caps, leaves, layouts, strict=True)
+    ]
+    for lo, hi, s in zip(b.blocks_lo, b.blocks_hi, layouts, strict=True):
+        if s is not None:  # the entries in the bracket per shard, exactly
+            inside = jnp.sum(hi.astype(jnp.int32) - lo.astype(jnp.int32), axis=-1)
+            fits.append(jnp.max(inside) <= most)
+    return jax.lax.cond(functools.reduce(jnp.logical_and, fits), among, everywhere, b.lo, b.hi)
 
 
 ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "layouts"))

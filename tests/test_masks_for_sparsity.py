@@ -304,7 +304,7 @@ def test_block_counts_flag_the_blocks_between_two_keys(n, counted, per, seed):
 
     @functools.partial(jax.jit, static_argnums=(3, 4))
     def flagged(keys, lo, hi, counted, per):
-        at_lo, at_hi = (_block_counts(keys, t, counted) for t in (lo, hi))
+        at_lo, at_hi = _block_counts(keys, lo, hi, counted)
         return jax.numpy.sum(at_hi, dtype=np.int32), _flagged(at_lo, at_hi, per)
 
     rng = np.random.default_rng(seed)

@@ -211,6 +211,28 @@ MASKS_SCRIPT = textwrap.dedent(
     else:
         raise AssertionError("an indivisible sharding was accepted")
     print("indivisible ok")
+
+    # Kernels of 2**16 weights or more: each shard flags and gathers its blocks of the bracket,
+    # and brings the few entries in it to every device; the answers equal the one-device ones
+    # (a smooth kernel, and a cluster a few ulps wide that overflows into the full bisection).
+    big = {"A": {"kernel": rng.normal(size=(512, 260)).astype(np.float32)},
+           "B": {"kernel": rng.normal(size=(256, 512)).astype(np.float32)}}
+    cluster = rng.random((256, 512)) < 0.4
+    big["B"]["kernel"][cluster] = 1.0 + rng.integers(0, 64, size=cluster.sum()) * 2.0**-23
+    big_prev = jax.tree.map(lambda x: rng.random(x.shape) > 0.2, big)
+    want_big = {(scope, s): jaxprune.masks_for_sparsity(big, s, scope=scope, previous=big_prev)
+                for scope in ("layer", "global") for s in (0.5, 0.9)}
+    sizes = [x.size for x in jax.tree.leaves(big)]
+    for label, (mesh, kernel_spec) in meshes.items():
+        sharded, prev_s = place(big, lambda x: kernel_spec), place(big_prev, lambda x: kernel_spec)
+        layouts = jaxprune.masks._layouts(jax.tree.leaves(sharded))
+        assert all(isinstance(s, jaxprune._ranking.Split) for s in layouts), layouts
+        for (scope, s), want in want_big.items():
+            got = jaxprune.masks_for_sparsity(sharded, s, scope=scope, previous=prev_s)
+            same(want, got, sharded, (label, scope, s))
+        no_gather(lambda p, m: jaxprune.masks_for_sparsity(p, 0.9, scope="global", previous=m),
+                  sharded, prev_s, label=(label, "big"))
+        print(label, "big ok")
     """
 )
 
@@ -293,7 +315,11 @@ def test_sharded_step_equals_single_device_step(sharded_run):
 
 def test_sharded_kernels_give_the_same_masks_and_stay_sharded(sharded_run):
     """compute_masks, masks_for_sparsity, apply_masks, keep_pruned, update_masks, summarize."""
-    check(sharded_run, "masks", ["fsdp ok", "fsdp x tp ok", "indivisible ok"])
+    check(
+        sharded_run,
+        "masks",
+        ["fsdp ok", "fsdp x tp ok", "indivisible ok", "fsdp big ok", "fsdp x tp big ok"],
+    )
 
 
 def test_the_readme_data_parallel_block_runs_on_4_devices(sharded_run):
