@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,30 +35,37 @@ from measure import Load, interleaved_medians
 import jaxprune
 
 
-def tree_of(n_params: int) -> dict:
+def tree_of(n_params: int, sharded: bool = False) -> dict:
     side = 1024 if n_params >= 2**20 else 256
     count = max(n_params // (side * side), 1)
     keys = jax.random.split(jax.random.key(1), count)
+    place = lambda x: x  # noqa: E731
+    if sharded:  # every kernel split by rows over all devices, as FSDP does
+        mesh = jax.sharding.Mesh(jax.devices(), ("fsdp",))
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+        place = functools.partial(jax.device_put, device=rows)
     return {
-        f"layer_{i}": {"kernel": jax.random.normal(k, (side, side))} for i, k in enumerate(keys)
+        f"layer_{i}": {"kernel": place(jax.random.normal(k, (side, side)))}
+        for i, k in enumerate(keys)
     }
 
 
-def scaling_table(sizes: list[int], repeats: int) -> None:
+def scaling_table(sizes: list[int], repeats: int, sharded: bool = False) -> None:
     """masks_for_sparsity (layer, global) beside compute_masks, interleaved, per tree size."""
     fns = {
         "compute_masks": lambda p: jaxprune.compute_masks(p, 1.0),
         "sparsity layer": lambda p: jaxprune.masks_for_sparsity(p, 0.9),
         "sparsity global": lambda p: jaxprune.masks_for_sparsity(p, 0.9, scope="global"),
     }
-    print(f"\nscaling (eager calls, median of {repeats}, interleaved)")
+    where = f"kernels split over {jax.device_count()} CPU devices" if sharded else "one device"
+    print(f"\nscaling, {where} (eager calls, median of {repeats}, interleaved)")
     print(
         f"{'params':>8}  "
         + "  ".join(f"{name:>15}" for name in fns)
         + "  ratios layer / global  others' load"
     )
     for n in sizes:
-        params = tree_of(n)
+        params = tree_of(n, sharded)
         with Load() as load:
             med = interleaved_medians(
                 {name: functools.partial(f, params) for name, f in fns.items()},
@@ -73,11 +83,19 @@ def scaling_table(sizes: list[int], repeats: int) -> None:
         del params
 
 
+def sizes_for(quick: bool) -> list[int]:
+    return [2**16, 2**20] if quick else [2**20, 10 * 2**20, 96 * 2**20]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small tree, for a smoke run")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--sharded-table", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sharded_table:  # the child below: XLA_FLAGS gave it two CPU devices
+        scaling_table(sizes_for(args.quick), repeats=5, sharded=True)
+        return
     count, side = (4, 512) if args.quick else (24, 2048)
 
     keys = jax.random.split(jax.random.key(0), count)
@@ -119,10 +137,11 @@ def main() -> None:
         print(f"  masks_for_sparsity (jit, {scope} scope): {extra:.2f} bytes per parameter")
     print(f"kept at q=1: {100 * kept:.1f}% (a Gaussian keeps about 31.7%)")
     del params
-    if args.quick:
-        scaling_table([2**16, 2**20], repeats=3)
-    else:
-        scaling_table([2**20, 10 * 2**20, 96 * 2**20], repeats=3)
+    scaling_table(sizes_for(args.quick), repeats=5)
+    # Sharded: a child process, since the device count is fixed when JAX starts.
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    child = [sys.executable, __file__, "--sharded-table"] + (["--quick"] if args.quick else [])
+    subprocess.run(child, env={**os.environ, "XLA_FLAGS": flags}, check=True)
 
 
 if __name__ == "__main__":

@@ -218,15 +218,17 @@ def masks_for_sparsity(
 
     Nothing is sorted: the threshold is found by bisection on counts. On layers of ``2**16``
     weights or more, a strided sample's quantiles and a few interpolation passes first narrow
-    the range to about ``sqrt(n) / 2`` weights; on one device, those are gathered (the blocks
-    of ``sqrt(n) / 8`` entries that hold them, at most an eighth of the blocks) and the
-    bisection runs over them only: about eight counting passes over all the weights. Leaves
-    on several devices (or traced, with several devices present) may be sharded: they need
-    only reductions (about 16-20 passes), the masks keep the params' sharding,
-    and global scope sums counts across leaves and devices instead of gathering the weights.
-    A few dozen passes more run over the entries tied at the threshold when a tie must be
-    split. XLA's temporaries are about half a byte per weight of the leaves being ranked,
-    beside the masks themselves.
+    the range to about ``sqrt(n) / 2`` weights; each of those passes also counts per block of
+    128 entries, so the blocks that hold the range's entries are known, and they are gathered
+    (at most an eighth of the blocks) for the bisection: four or five counting passes over all
+    the weights in all. A leaf split evenly over a mesh by a ``NamedSharding`` is treated so
+    on each shard, and the few entries each shard holds in the range come to every device
+    (one small all-gather). Leaves sharded otherwise, or traced with several devices present,
+    need only reductions (about 16-20 passes). The masks keep the params' sharding, and global
+    scope sums counts across leaves and devices instead of gathering the weights. A few dozen
+    passes more run over the entries tied at the threshold when a tie must be split. XLA's
+    temporaries are about a quarter of a byte per weight of the leaves being ranked, beside
+    the masks themselves.
 
     Args:
       params: a pytree of parameters.
