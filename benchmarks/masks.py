@@ -7,14 +7,15 @@ the extra bytes per parameter that the masks cost.
 
 Then the scaling table: ``masks_for_sparsity`` (layer and global scope) beside ``compute_masks``
 at 1M / 10M / 100M parameters, each row with the others' load while it ran (one figure per row:
-/proc/stat counts in 10 ms ticks, too coarse for one call of the small trees).
+/proc/stat counts in 10 ms ticks, too coarse for one call of the small trees); once on one
+device, once in a child process with two CPU devices and every kernel split by rows.
 
-Measured (2 shared cores, AMD EPYC, others' load 0.00-0.01 cores, two full runs): at 100.7M,
-``masks_for_sparsity`` took 2.4x / 2.4x ``compute_masks`` in layer scope and 2.3x / 2.3x in
-global scope, after the bisection moved to the gathered blocks that hold the start's bracket;
-the same table read 3.5-4.1x and 4.5-4.6x there before that, and 5.7x / 16.3x (on another
-machine) before the sampled start. The issue's goal, 2x, is not reached. Under jit, masks plus
-XLA's temporaries came to 1.27 (layer) and 1.50 (global) bytes per parameter.
+Measured (2 shared cores, AMD EPYC, others' load 0.00-0.06 cores, two full runs), at 100.7M:
+on one device ``masks_for_sparsity`` took 2.1x / 2.2x ``compute_masks`` in layer scope and
+1.7x / 1.7x in global scope; with the kernels split over 2 CPU devices, 3.6x / 3.5x and 2.8x /
+2.4x. Before each counting pass also counted per block, one device read 2.4x / 2.3x. The
+issue's goal, 2x, holds for global scope on one device only. Under jit, masks plus XLA's
+temporaries came to 1.10 (layer) and 1.50 (global) bytes per parameter.
 
     python benchmarks/masks.py            # 24 matrices of 2048x2048 (about 100M float32)
     python benchmarks/masks.py --quick    # 4 matrices of 512x512; the table at 65K and 1M

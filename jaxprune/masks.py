@@ -220,15 +220,15 @@ def masks_for_sparsity(
     weights or more, a strided sample's quantiles and a few interpolation passes first narrow
     the range to about ``sqrt(n) / 2`` weights; each of those passes also counts per block of
     128 entries, so the blocks that hold the range's entries are known, and they are gathered
-    (at most an eighth of the blocks) for the bisection: four or five counting passes over all
-    the weights in all. A leaf split evenly over a mesh by a ``NamedSharding`` is treated so
-    on each shard, and the few entries each shard holds in the range come to every device
-    (one small all-gather). Leaves sharded otherwise, or traced with several devices present,
+    (at most an eighth of the blocks) for the bisection: about five passes over the weights in
+    all, the NaN check included. A leaf split evenly over a mesh by a ``NamedSharding`` is
+    treated so on each shard, and the few entries each shard holds in the range come to every
+    device (one small all-gather). Leaves sharded otherwise, or traced with several devices present,
     need only reductions (about 16-20 passes). The masks keep the params' sharding, and global
     scope sums counts across leaves and devices instead of gathering the weights. A few dozen
     passes more run over the entries tied at the threshold when a tie must be split. XLA's
-    temporaries are about a quarter of a byte per weight of the leaves being ranked, beside
-    the masks themselves.
+    temporaries are about a tenth (layer scope) to a half (global) of a byte per weight of the
+    leaves being ranked, beside the masks themselves.
 
     Args:
       params: a pytree of parameters.
