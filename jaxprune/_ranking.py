@@ -5,8 +5,9 @@ Each weight's key is the int32 bit pattern of its float32 magnitude (which order
 from the bracket that two quantiles of a strided sample give, checked by one counting pass and
 narrowed by interpolation), then a second bisection on position splits the ties at it, so the
 result is the stable sort's (earlier entry pruned first). Sharded leaves need only reductions. On
-one device each counting pass also counts per block of 128 entries, so the blocks holding entries
-inside the bracket are known without another pass, and the bisection runs over those few."""
+one device, or on each shard of a leaf split evenly over a mesh, each counting pass also counts
+per block of entries, and the bisection runs over the few blocks inside the bracket
+(``_blocks``); the keys and the counting itself are in ``_keys``."""
 
 from __future__ import annotations
 
@@ -16,23 +17,23 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-_PRUNED_KEY = -1  # below the key of every weight, so already pruned connections go first
-_KEY_MAX = np.iinfo(np.int32).max
-_KEY_TOP = 0x7F800000  # the key of inf: above every finite magnitude's
+from jaxprune._blocks import (
+    _COUNTED,
+    Layout,
+    _among_candidates,
+    _block_counts,
+    _block_size,
+    _block_sizes,
+    _local_size,
+    _per_shard,
+    _shards,
+    _total,
+)
+from jaxprune._keys import _KEY_MAX, _KEY_TOP, _PRUNED_KEY, _bisect, _column, _count, _keys
+
 _SAMPLE_FROM = 2**16  # ranked slices at least this large start from a sample's quantiles
 _SAMPLE_MAX = 2**16
-
-
-def _keys(leaf: jax.Array, prev: jax.Array | None) -> jax.Array:
-    """Ranks weights by magnitude as int32: the float32 bits of ``|w|``, ``-1`` where pruned.
-
-    For non-negative floats the bit pattern orders like the value (and ``-0.0`` becomes ``0.0``),
-    so counting keys gives the same ranking as sorting the magnitudes, without sorting.
-    """
-    bits = jax.lax.bitcast_convert_type(jnp.abs(leaf.astype(jnp.float32)), jnp.int32)
-    return bits if prev is None else jnp.where(prev, bits, _PRUNED_KEY)
 
 
 def _before(shape: tuple[int, ...], axis: int | None, cut: jax.Array) -> jax.Array:
@@ -53,170 +54,6 @@ def _before(shape: tuple[int, ...], axis: int | None, cut: jax.Array) -> jax.Arr
         equal = equal & (index == digit)
         rest = rest % stride
     return below
-
-
-def _count(x: jax.Array, axis: int | None) -> jax.Array:
-    """Counts ``True`` entries per layer: a scalar, or one count per slice along ``axis``.
-
-    Groups of 16 along one dimension are summed as uint8 first: XLA on CPU vectorises that
-    reduction and fuses it, where an int32 sum over everything runs about 4x slower and first
-    writes the bools out as int32 (4 bytes per weight). A dimension of a multiple of 256 is
-    split (so the outer part stays shardable as before); else the last one of 16 or more, its
-    remainder (under 16 per row) counted apart.
-    """
-    others = [d for d in range(x.ndim) if d != axis]
-    split = next((d for d in others if x.shape[d] % 256 == 0), None)
-    if split is None:
-        split = next((d for d in reversed(others) if x.shape[d] >= 16), None)
-    if split is None:
-        return jnp.sum(x, axis=tuple(others), dtype=jnp.int32)
-    size = x.shape[split]
-    whole = size // 16 * 16
-    head = jax.lax.slice_in_dim(x, 0, whole, axis=split)
-    head = head.reshape(*x.shape[:split], whole // 16, 16, *x.shape[split + 1 :])
-    count = jnp.sum(
-        jnp.sum(head, axis=split + 1, dtype=jnp.uint8), axis=tuple(others), dtype=jnp.int32
-    )
-    if whole < size:
-        tail = jax.lax.slice_in_dim(x, whole, size, axis=split)
-        count = count + jnp.sum(tail, axis=tuple(others), dtype=jnp.int32)
-    return count
-
-
-class Split(NamedTuple):
-    """A leaf laid out over ``mesh`` by ``spec`` (a ``NamedSharding``), every dimension evenly."""
-
-    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
-    spec: jax.sharding.PartitionSpec
-
-    def _ways(self, entry) -> int:
-        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-        return math.prod(self.mesh.shape[a] for a in names)
-
-    @property
-    def axes(self) -> tuple[str, ...]:
-        """The mesh axes the leaf is split over, in order."""
-        return tuple(
-            a for e in self.spec if e is not None for a in (e if isinstance(e, tuple) else (e,))
-        )
-
-    @property
-    def shards(self) -> int:
-        return math.prod(self.mesh.shape[a] for a in self.axes)
-
-    def divides(self, shape: tuple[int, ...]) -> bool:
-        """Whether every dimension of ``shape`` splits evenly (``shard_map`` needs that)."""
-        return all(d % self._ways(e) == 0 for d, e in zip(shape, self.spec, strict=False))
-
-
-Layout = Split | None  # None: the leaf is whole on every device that holds it
-
-
-def _shards(layout: Layout) -> int:
-    return 1 if layout is None else layout.shards
-
-
-def _local_size(x: jax.Array, layout: Layout) -> int:
-    return math.prod(x.shape) // _shards(layout)
-
-
-def _per_shard(layout: Layout, fn, args: tuple, kinds: str):
-    """``fn`` on each shard of a leaf, its outputs stacked on a new first axis (of shards).
-
-    ``kinds`` gives each argument's layout: ``l`` like the leaf, ``s`` one row per shard (an
-    output of this function), ``r`` replicated. With the leaf whole, ``fn`` runs once on it.
-    """
-
-    def stacked(*a):
-        return jax.tree.map(lambda y: y[None], fn(*a))
-
-    if layout is None:
-        return fn(*args)
-    rows = jax.sharding.PartitionSpec(layout.axes)
-    specs = {"l": layout.spec, "s": rows, "r": jax.sharding.PartitionSpec()}
-
-    def local(*a):
-        return stacked(*(x[0] if k == "s" else x for x, k in zip(a, kinds, strict=True)))
-
-    return jax.shard_map(
-        local, mesh=layout.mesh, in_specs=tuple(specs[k] for k in kinds), out_specs=rows
-    )(*args)
-
-
-_COUNTED = 128  # entries per block that a pass counts in (a candidate block holds whole ones)
-
-
-def _block_counts(key: jax.Array, a: jax.Array, c: jax.Array, size: int) -> tuple:
-    """Keys ``<= a`` and ``<= c`` per block of ``size`` (at most 255) consecutive entries (uint8).
-
-    Row-major; the last block may be short. Both counts ride in one uint16 (``a``'s in the low
-    byte), so one reduction counts both; groups of 16 entries a block apart are summed first (a
-    reduction over a major axis, which XLA on CPU vectorises).
-    """
-    flat = key.reshape(-1)
-    n = flat.shape[0]
-    full = n // size * size
-
-    def both(k):
-        return (k <= a).astype(jnp.uint16) | ((k <= c).astype(jnp.uint16) << 8)
-
-    parts = []
-    if full:
-        packed = both(flat[:full]).reshape(-1, 16, size // 16)
-        parts.append(jnp.sum(jnp.sum(packed, axis=1, dtype=jnp.uint16), axis=-1, dtype=jnp.uint16))
-    if full < n:
-        parts.append(jnp.sum(both(flat[full:]), dtype=jnp.uint16)[None])
-    counts = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    return (counts & 0xFF).astype(jnp.uint8), (counts >> 8).astype(jnp.uint8)
-
-
-def _block_sizes(n: int, size: int) -> jax.Array:
-    """The entries of each block that :func:`_block_counts` counts in."""
-    sizes = np.full(-(-n // size), size, np.uint8)
-    sizes[-1] = n - size * (len(sizes) - 1)
-    return jnp.asarray(sizes)
-
-
-def _flagged(counts_lo: jax.Array, counts_hi: jax.Array, per: int) -> jax.Array:
-    """Whether each group of ``per`` counted blocks (the last may be short) has entries between.
-
-    Along the last axis (one row per shard)."""
-    differ = counts_hi > counts_lo
-    pad = [(0, 0)] * (differ.ndim - 1) + [(0, -differ.shape[-1] % per)]
-    return jnp.any(jnp.pad(differ, pad).reshape(*differ.shape[:-1], -1, per), axis=-1)
-
-
-def _total(counts: tuple[jax.Array, ...]) -> jax.Array:
-    return functools.reduce(jnp.add, [jnp.sum(c, dtype=jnp.int32) for c in counts])
-
-
-def _column(t: jax.Array, ndim: int, axis: int | None) -> jax.Array:
-    """Reshapes per-slice values (shape ``(n,)``) to broadcast along ``axis``; scalars as they are."""
-    if axis is None:
-        return t
-    shape = [1] * ndim
-    shape[axis] = t.shape[0]
-    return t.reshape(shape)
-
-
-def _bisect(count_at, lo: jax.Array, hi: jax.Array, target: jax.Array) -> jax.Array:
-    """The smallest ``t`` in ``(lo, hi]`` with ``count_at(t) >= target``, elementwise.
-
-    ``count_at`` must be non-decreasing; ``count_at(lo) < target <= count_at(hi)`` is assumed
-    (where it fails, the answer is ``lo + 1`` or ``hi``). About ``log2(hi - lo)`` evaluations.
-    """
-
-    def body(bounds):
-        lo, hi = bounds
-        mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without int32 overflow
-        enough = count_at(mid) >= target
-        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
-
-    def wider(bounds):
-        lo, hi = bounds
-        return jnp.any(hi > lo + 1)  # not hi - lo: that overflows int32
-
-    return jax.lax.while_loop(wider, body, (lo, hi))[1]
 
 
 def _sample_keys(
@@ -535,132 +372,6 @@ def _tie_cut(x, prev, threshold, axis, partial, hi, take) -> jax.Array:
         return _count(tied & _before(key.shape, axis, c), axis)
 
     return _bisect(count_before, jnp.where(partial, -1, hi - 1), hi, take)
-
-
-def _block_size(n: int) -> int:
-    """Entries per candidate block: a power of two near ``sqrt(n) / 8`` (at least 16).
-
-    About ``8 * sqrt(n)`` blocks. On smooth data the start's bracket holds about ``sqrt(n) / 10``
-    to ``sqrt(n) / 2`` entries, each in a block of its own, so the flagged blocks fit in a 32nd
-    to an eighth of them, and finding them stays cheap.
-    """
-    return max(16, 1 << round(math.log2(math.sqrt(n) / 8)))
-
-
-def _first_true(flags: jax.Array, cap: int) -> jax.Array:
-    """Indices of the first ``cap`` true entries of a 1-D ``flags``, padded with ``len(flags)``.
-
-    ``jnp.nonzero(size=cap)``'s answer at about half its cost on CPU: ranks within rows of 128
-    by a product with a triangular matrix (exact: sums of at most 128 ones), then one scatter.
-    """
-    n, row = flags.shape[0], 128
-    padded = jnp.pad(flags, (0, -n % row)).reshape(-1, row).astype(jnp.float32)
-    upper = jnp.triu(jnp.ones((row, row), jnp.float32))
-    within = jnp.dot(padded, upper, precision=jax.lax.Precision.HIGHEST).astype(jnp.int32)
-    before = jnp.cumsum(within[:, -1]) - within[:, -1]
-    rank = (within + before[:, None]).reshape(-1)[:n] - 1
-    where = jnp.where(flags, rank, cap)  # rank >= cap, or no flag: dropped
-    return jnp.full(cap, n, jnp.int32).at[where].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
-
-
-def _candidate_keys(
-    x: jax.Array,
-    prev: jax.Array | None,
-    flags: jax.Array,
-    lo: jax.Array,
-    hi: jax.Array,
-    size: int,
-    cap: int,
-) -> jax.Array:
-    """The keys in ``(lo, hi]`` of the first ``cap`` flagged blocks of one leaf, else ``_KEY_MAX``.
-
-    Shape ``(cap, size)``. A leaf (or shard) under eight blocks is taken whole (``cap`` unused).
-    """
-    flat = x.reshape(-1)
-    p = None if prev is None else prev.reshape(-1)
-    n = flat.shape[0]
-
-    def inside(key):
-        return (key > lo) & (key <= hi)
-
-    if n < 8 * size:
-        key = _keys(flat, p)
-        return jnp.where(inside(key), key, _KEY_MAX)[None]
-    index = _first_true(flags, cap)
-    # The last block may be short: its slice starts earlier and skips what the one before holds.
-    start = jnp.minimum(index * size, n - size)
-
-    def block(a):
-        return jax.vmap(lambda s: jax.lax.dynamic_slice(a, (s,), (size,)))(start)
-
-    key = _keys(block(flat), None if p is None else block(p))
-    own = start[:, None] + jnp.arange(size)[None, :] >= (index * size)[:, None]
-    return jnp.where(own & (index < flags.shape[0])[:, None] & inside(key), key, _KEY_MAX)
-
-
-def _compacted(keys: jax.Array, most: int) -> jax.Array:
-    """The first ``most`` keys other than ``_KEY_MAX`` (flattened), padded with ``_KEY_MAX``."""
-    flat = keys.reshape(-1)
-    index = _first_true(flat != _KEY_MAX, most)
-    return jnp.where(index < flat.shape[0], flat[jnp.minimum(index, flat.shape[0] - 1)], _KEY_MAX)
-
-
-def _among_candidates(leaves, prevs, layouts, b: _Bracket, n_pruned, everywhere, size: int):
-    """``everywhere``'s answer (threshold key, count below it, ties per leaf) from few entries.
-
-    Only the blocks holding entries in ``b``'s bracket (where its per-block counts differ) are
-    searched, an eighth of each shard's blocks at most, gathered on each shard: every entry in
-    ``(lo, hi]`` (the ties at the threshold among them) lies in one and ``count(lo)`` is known,
-    so the counts are exact. When the flagged blocks do not fit, ``everywhere`` (bisection over
-    all weights) answers instead. The gathering stays outside that ``cond``: inside a branch,
-    XLA's compile time grows faster than the number of leaves (minutes for 96 in global scope).
-    """
-    per = size // min(size, _COUNTED)
-    flags = [_flagged(lo, hi, per) for lo, hi in zip(b.blocks_lo, b.blocks_hi, strict=True)]
-    caps = [max(1, f.shape[-1] // 8) for f in flags]
-    most = 2 * math.isqrt(sum(math.prod(x.shape) for x in leaves))  # per shard of a split leaf
-
-    def gathered(x, p, f, layout, cap):
-        """The leaf's candidate keys; for a split leaf, each shard's few in the bracket, for all.
-
-        The bisection then runs on every device without a collective per step."""
-
-        def local(x, p, f, lo, hi):
-            keys = _candidate_keys(x, p, f, lo, hi, size, cap)
-            return keys if layout is None else _compacted(keys, most)
-
-        if p is None:
-            keys = _per_shard(
-                layout, lambda x, f, lo, hi: local(x, None, f, lo, hi), (x, f, b.lo, b.hi), "lsrr"
-            )
-        else:
-            keys = _per_shard(layout, local, (x, p, f, b.lo, b.hi), "llsrr")
-        if layout is None:
-            return keys
-        everyone = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
-        return jax.lax.with_sharding_constraint(keys, everyone)
-
-    keys = [
-        gathered(x, p, f, layout, cap)
-        for x, p, f, layout, cap in zip(leaves, prevs, flags, layouts, caps, strict=True)
-    ]
-
-    def among(lo, hi):
-        t = _bisect(
-            lambda t: b.count_lo + sum(_count(k <= t, None) for k in keys), lo, hi, n_pruned
-        )
-        below = b.count_lo + sum(_count(k < t, None) for k in keys)
-        return t, below, tuple(_count(k == t, None) for k in keys)
-
-    fits = [
-        (jnp.max(jnp.sum(f, axis=-1, dtype=jnp.int32)) <= c) | (_local_size(x, s) < 8 * size)
-        for f, c, x, s in zip(flags, caps, leaves, layouts, strict=True)
-    ]
-    for lo, hi, s in zip(b.blocks_lo, b.blocks_hi, layouts, strict=True):
-        if s is not None:  # the entries in the bracket per shard, exactly
-            inside = jnp.sum(hi.astype(jnp.int32) - lo.astype(jnp.int32), axis=-1)
-            fits.append(jnp.max(inside) <= most)
-    return jax.lax.cond(functools.reduce(jnp.logical_and, fits), among, everywhere, b.lo, b.hi)
 
 
 ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "layouts"))

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from jaxprune._blocks import Layout, Split
 from jaxprune._options import QSpec, check_scalar, is_traced, per_slice, per_unit
-from jaxprune._ranking import Layout, Split, check_countable, ranked_keep
+from jaxprune._ranking import check_countable, ranked_keep
 from jaxprune._text import table
 from jaxprune._tree import (
     PyTree,

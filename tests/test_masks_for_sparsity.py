@@ -280,7 +280,7 @@ def test_candidate_blocks_equal_the_sorting_reference(seed, sparsity, kind, scop
 @given(hnp.arrays(bool, st.sampled_from([1, 5, 127, 128, 129, 700])), st.data())
 def test_first_true_is_nonzero_padded(flags, data):
     # A few fixed sizes (rows of 128 whole, short and one past), so few compilations.
-    from jaxprune._ranking import _first_true
+    from jaxprune._blocks import _first_true
 
     cap = data.draw(st.sampled_from(sorted({1, flags.size // 2 or 1, flags.size})))
     want = np.nonzero(flags)[0][:cap]
@@ -300,7 +300,7 @@ def test_block_counts_flag_the_blocks_between_two_keys(n, counted, per, seed):
     # Each counting pass on one device also counts per block of `counted` entries; a candidate
     # block (`per` of those, the last of each possibly short) is flagged where the counts at the
     # bracket's two ends differ, i.e. where it holds a key in (lo, hi].
-    from jaxprune._ranking import _block_counts, _flagged
+    from jaxprune._blocks import _block_counts, _flagged
 
     @functools.partial(jax.jit, static_argnums=(3, 4))
     def flagged(keys, lo, hi, counted, per):

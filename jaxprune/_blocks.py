@@ -1,0 +1,255 @@
+"""Blocks of entries for ``masks_for_sparsity``: counts per block, and gathering the few in range.
+
+Each counting pass that narrows the ranking's bracket also counts per block of 128 entries, so
+the blocks holding entries inside it are known without a pass of their own; those blocks (at
+most an eighth) are gathered and the threshold searched among them only. A leaf split evenly
+over a mesh is handled so on each shard (``shard_map``), and each shard's few entries in the
+bracket then come to every device, so the search needs no collective per step."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune._keys import _KEY_MAX, _bisect, _count, _keys
+
+if TYPE_CHECKING:
+    from jaxprune._ranking import _Bracket
+
+
+class Split(NamedTuple):
+    """A leaf laid out over ``mesh`` by ``spec`` (a ``NamedSharding``), every dimension evenly."""
+
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
+    spec: jax.sharding.PartitionSpec
+
+    def _ways(self, entry) -> int:
+        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        return math.prod(self.mesh.shape[a] for a in names)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The mesh axes the leaf is split over, in order."""
+        return tuple(
+            a for e in self.spec if e is not None for a in (e if isinstance(e, tuple) else (e,))
+        )
+
+    @property
+    def shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.axes)
+
+    def divides(self, shape: tuple[int, ...]) -> bool:
+        """Whether every dimension of ``shape`` splits evenly (``shard_map`` needs that)."""
+        return all(d % self._ways(e) == 0 for d, e in zip(shape, self.spec, strict=False))
+
+
+Layout = Split | None  # None: the leaf is whole on every device that holds it
+
+
+def _shards(layout: Layout) -> int:
+    return 1 if layout is None else layout.shards
+
+
+def _local_size(x: jax.Array, layout: Layout) -> int:
+    return math.prod(x.shape) // _shards(layout)
+
+
+def _per_shard(layout: Layout, fn, args: tuple, kinds: str):
+    """``fn`` on each shard of a leaf, its outputs stacked on a new first axis (of shards).
+
+    ``kinds`` gives each argument's layout: ``l`` like the leaf, ``s`` one row per shard (an
+    output of this function), ``r`` replicated. With the leaf whole, ``fn`` runs once on it.
+    """
+
+    def stacked(*a):
+        return jax.tree.map(lambda y: y[None], fn(*a))
+
+    if layout is None:
+        return fn(*args)
+    rows = jax.sharding.PartitionSpec(layout.axes)
+    specs = {"l": layout.spec, "s": rows, "r": jax.sharding.PartitionSpec()}
+
+    def local(*a):
+        return stacked(*(x[0] if k == "s" else x for x, k in zip(a, kinds, strict=True)))
+
+    return jax.shard_map(
+        local, mesh=layout.mesh, in_specs=tuple(specs[k] for k in kinds), out_specs=rows
+    )(*args)
+
+
+_COUNTED = 128  # entries per block that a pass counts in (a candidate block holds whole ones)
+
+
+def _block_counts(key: jax.Array, a: jax.Array, c: jax.Array, size: int) -> tuple:
+    """Keys ``<= a`` and ``<= c`` per block of ``size`` (at most 255) consecutive entries (uint8).
+
+    Row-major; the last block may be short. Both counts ride in one uint16 (``a``'s in the low
+    byte), so one reduction counts both; groups of 16 entries a block apart are summed first (a
+    reduction over a major axis, which XLA on CPU vectorises).
+    """
+    flat = key.reshape(-1)
+    n = flat.shape[0]
+    full = n // size * size
+
+    def both(k):
+        return (k <= a).astype(jnp.uint16) | ((k <= c).astype(jnp.uint16) << 8)
+
+    parts = []
+    if full:
+        packed = both(flat[:full]).reshape(-1, 16, size // 16)
+        parts.append(jnp.sum(jnp.sum(packed, axis=1, dtype=jnp.uint16), axis=-1, dtype=jnp.uint16))
+    if full < n:
+        parts.append(jnp.sum(both(flat[full:]), dtype=jnp.uint16)[None])
+    counts = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    return (counts & 0xFF).astype(jnp.uint8), (counts >> 8).astype(jnp.uint8)
+
+
+def _block_sizes(n: int, size: int) -> jax.Array:
+    """The entries of each block that :func:`_block_counts` counts in."""
+    sizes = np.full(-(-n // size), size, np.uint8)
+    sizes[-1] = n - size * (len(sizes) - 1)
+    return jnp.asarray(sizes)
+
+
+def _flagged(counts_lo: jax.Array, counts_hi: jax.Array, per: int) -> jax.Array:
+    """Whether each group of ``per`` counted blocks (the last may be short) has entries between.
+
+    Along the last axis (one row per shard)."""
+    differ = counts_hi > counts_lo
+    pad = [(0, 0)] * (differ.ndim - 1) + [(0, -differ.shape[-1] % per)]
+    return jnp.any(jnp.pad(differ, pad).reshape(*differ.shape[:-1], -1, per), axis=-1)
+
+
+def _total(counts: tuple[jax.Array, ...]) -> jax.Array:
+    return functools.reduce(jnp.add, [jnp.sum(c, dtype=jnp.int32) for c in counts])
+
+
+def _block_size(n: int) -> int:
+    """Entries per candidate block: a power of two near ``sqrt(n) / 8`` (at least 16).
+
+    About ``8 * sqrt(n)`` blocks. On smooth data the start's bracket holds about ``sqrt(n) / 10``
+    to ``sqrt(n) / 2`` entries, each in a block of its own, so the flagged blocks fit in a 32nd
+    to an eighth of them, and finding them stays cheap.
+    """
+    return max(16, 1 << round(math.log2(math.sqrt(n) / 8)))
+
+
+def _first_true(flags: jax.Array, cap: int) -> jax.Array:
+    """Indices of the first ``cap`` true entries of a 1-D ``flags``, padded with ``len(flags)``.
+
+    ``jnp.nonzero(size=cap)``'s answer at about half its cost on CPU: ranks within rows of 128
+    by a product with a triangular matrix (exact: sums of at most 128 ones), then one scatter.
+    """
+    n, row = flags.shape[0], 128
+    padded = jnp.pad(flags, (0, -n % row)).reshape(-1, row).astype(jnp.float32)
+    upper = jnp.triu(jnp.ones((row, row), jnp.float32))
+    within = jnp.dot(padded, upper, precision=jax.lax.Precision.HIGHEST).astype(jnp.int32)
+    before = jnp.cumsum(within[:, -1]) - within[:, -1]
+    rank = (within + before[:, None]).reshape(-1)[:n] - 1
+    where = jnp.where(flags, rank, cap)  # rank >= cap, or no flag: dropped
+    return jnp.full(cap, n, jnp.int32).at[where].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+
+
+def _candidate_keys(
+    x: jax.Array,
+    prev: jax.Array | None,
+    flags: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    size: int,
+    cap: int,
+) -> jax.Array:
+    """The keys in ``(lo, hi]`` of the first ``cap`` flagged blocks of one leaf, else ``_KEY_MAX``.
+
+    Shape ``(cap, size)``. A leaf (or shard) under eight blocks is taken whole (``cap`` unused).
+    """
+    flat = x.reshape(-1)
+    p = None if prev is None else prev.reshape(-1)
+    n = flat.shape[0]
+
+    def inside(key):
+        return (key > lo) & (key <= hi)
+
+    if n < 8 * size:
+        key = _keys(flat, p)
+        return jnp.where(inside(key), key, _KEY_MAX)[None]
+    index = _first_true(flags, cap)
+    # The last block may be short: its slice starts earlier and skips what the one before holds.
+    start = jnp.minimum(index * size, n - size)
+
+    def block(a):
+        return jax.vmap(lambda s: jax.lax.dynamic_slice(a, (s,), (size,)))(start)
+
+    key = _keys(block(flat), None if p is None else block(p))
+    own = start[:, None] + jnp.arange(size)[None, :] >= (index * size)[:, None]
+    return jnp.where(own & (index < flags.shape[0])[:, None] & inside(key), key, _KEY_MAX)
+
+
+def _compacted(keys: jax.Array, most: int) -> jax.Array:
+    """The first ``most`` keys other than ``_KEY_MAX`` (flattened), padded with ``_KEY_MAX``."""
+    flat = keys.reshape(-1)
+    index = _first_true(flat != _KEY_MAX, most)
+    return jnp.where(index < flat.shape[0], flat[jnp.minimum(index, flat.shape[0] - 1)], _KEY_MAX)
+
+
+def _among_candidates(leaves, prevs, layouts, b: _Bracket, n_pruned, everywhere, size: int):
+    """``everywhere``'s answer (threshold key, count below it, ties per leaf) from few entries.
+
+    Only the blocks holding entries in ``b``'s bracket (where its per-block counts differ) are
+    searched, an eighth of each shard's blocks at most, gathered on each shard: every entry in
+    ``(lo, hi]`` (the ties at the threshold among them) lies in one and ``count(lo)`` is known,
+    so the counts are exact. When the flagged blocks do not fit, ``everywhere`` (bisection over
+    all weights) answers instead. The gathering stays outside that ``cond``: inside a branch,
+    XLA's compile time grows faster than the number of leaves (minutes for 96 in global scope).
+    """
+    per = size // min(size, _COUNTED)
+    flags = [_flagged(lo, hi, per) for lo, hi in zip(b.blocks_lo, b.blocks_hi, strict=True)]
+    caps = [max(1, f.shape[-1] // 8) for f in flags]
+    most = 2 * math.isqrt(sum(math.prod(x.shape) for x in leaves))  # per shard of a split leaf
+
+    def gathered(x, p, f, layout, cap):
+        """The leaf's candidate keys; for a split leaf, each shard's few in the bracket, for all.
+
+        The bisection then runs on every device without a collective per step."""
+
+        def local(x, p, f, lo, hi):
+            keys = _candidate_keys(x, p, f, lo, hi, size, cap)
+            return keys if layout is None else _compacted(keys, most)
+
+        if p is None:
+            keys = _per_shard(
+                layout, lambda x, f, lo, hi: local(x, None, f, lo, hi), (x, f, b.lo, b.hi), "lsrr"
+            )
+        else:
+            keys = _per_shard(layout, local, (x, p, f, b.lo, b.hi), "llsrr")
+        if layout is None:
+            return keys
+        everyone = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
+        return jax.lax.with_sharding_constraint(keys, everyone)
+
+    keys = [
+        gathered(x, p, f, layout, cap)
+        for x, p, f, layout, cap in zip(leaves, prevs, flags, layouts, caps, strict=True)
+    ]
+
+    def among(lo, hi):
+        t = _bisect(
+            lambda t: b.count_lo + sum(_count(k <= t, None) for k in keys), lo, hi, n_pruned
+        )
+        below = b.count_lo + sum(_count(k < t, None) for k in keys)
+        return t, below, tuple(_count(k == t, None) for k in keys)
+
+    fits = [
+        (jnp.max(jnp.sum(f, axis=-1, dtype=jnp.int32)) <= c) | (_local_size(x, s) < 8 * size)
+        for f, c, x, s in zip(flags, caps, leaves, layouts, strict=True)
+    ]
+    for lo, hi, s in zip(b.blocks_lo, b.blocks_hi, layouts, strict=True):
+        if s is not None:  # the entries in the bracket per shard, exactly
+            inside = jnp.sum(hi.astype(jnp.int32) - lo.astype(jnp.int32), axis=-1)
+            fits.append(jnp.max(inside) <= most)
+    return jax.lax.cond(functools.reduce(jnp.logical_and, fits), among, everywhere, b.lo, b.hi)
