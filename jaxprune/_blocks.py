@@ -48,37 +48,63 @@ class Split(NamedTuple):
         return all(d % self._ways(e) == 0 for d, e in zip(shape, self.spec, strict=False))
 
 
-Layout = Split | None  # None: the leaf is whole on every device that holds it
+Placement = Split | None  # None: the leaf is whole on every device that holds it
 
 
-def _shards(layout: Layout) -> int:
-    return 1 if layout is None else layout.shards
+def placements_of(leaves) -> tuple[Placement, ...] | None:
+    """How each leaf lies, where entries may be gathered per shard; ``None`` where they may not.
+
+    A leaf is whole on one device (or replicated), or split evenly over a mesh by a
+    ``NamedSharding``. Traced leaves on several devices may be sharded in ways not known while
+    tracing, and other shardings are not split by mesh axes: those are ranked by reductions only.
+    """
+    if jax.device_count() == 1:
+        return tuple(None for _ in leaves)
+    out: list[Placement] = []
+    for x in leaves:
+        if isinstance(x, jax.core.Tracer):
+            return None
+        sharding = x.sharding
+        if len(sharding.device_set) == 1 or sharding.is_fully_replicated:
+            out.append(None)
+            continue
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            return None
+        split = Split(sharding.mesh, sharding.spec)
+        if not split.divides(x.shape):
+            return None
+        out.append(split)
+    return tuple(out)
 
 
-def _local_size(x: jax.Array, layout: Layout) -> int:
-    return math.prod(x.shape) // _shards(layout)
+def _shards(placement: Placement) -> int:
+    return 1 if placement is None else placement.shards
 
 
-def _per_shard(layout: Layout, fn, args: tuple, kinds: str):
+def _local_size(x: jax.Array, placement: Placement) -> int:
+    return math.prod(x.shape) // _shards(placement)
+
+
+def _per_shard(placement: Placement, fn, args: tuple, kinds: str):
     """``fn`` on each shard of a leaf, its outputs stacked on a new first axis (of shards).
 
-    ``kinds`` gives each argument's layout: ``l`` like the leaf, ``s`` one row per shard (an
+    ``kinds`` gives each argument's placement: ``l`` like the leaf, ``s`` one row per shard (an
     output of this function), ``r`` replicated. With the leaf whole, ``fn`` runs once on it.
     """
 
     def stacked(*a):
         return jax.tree.map(lambda y: y[None], fn(*a))
 
-    if layout is None:
+    if placement is None:
         return fn(*args)
-    rows = jax.sharding.PartitionSpec(layout.axes)
-    specs = {"l": layout.spec, "s": rows, "r": jax.sharding.PartitionSpec()}
+    rows = jax.sharding.PartitionSpec(placement.axes)
+    specs = {"l": placement.spec, "s": rows, "r": jax.sharding.PartitionSpec()}
 
     def local(*a):
         return stacked(*(x[0] if k == "s" else x for x, k in zip(a, kinds, strict=True)))
 
     return jax.shard_map(
-        local, mesh=layout.mesh, in_specs=tuple(specs[k] for k in kinds), out_specs=rows
+        local, mesh=placement.mesh, in_specs=tuple(specs[k] for k in kinds), out_specs=rows
     )(*args)
 
 
@@ -197,7 +223,7 @@ def _compacted(keys: jax.Array, most: int) -> jax.Array:
     return jnp.where(index < flat.shape[0], flat[jnp.minimum(index, flat.shape[0] - 1)], _KEY_MAX)
 
 
-def _among_candidates(leaves, prevs, layouts, b: _Bracket, n_pruned, everywhere, size: int):
+def _among_candidates(leaves, prevs, placements, b: _Bracket, n_pruned, everywhere, size: int):
     """``everywhere``'s answer (threshold key, count below it, ties per leaf) from few entries.
 
     Only the blocks holding entries in ``b``'s bracket (where its per-block counts differ) are
@@ -212,29 +238,32 @@ def _among_candidates(leaves, prevs, layouts, b: _Bracket, n_pruned, everywhere,
     caps = [max(1, f.shape[-1] // 8) for f in flags]
     most = 2 * math.isqrt(sum(math.prod(x.shape) for x in leaves))  # per shard of a split leaf
 
-    def gathered(x, p, f, layout, cap):
+    def gathered(x, p, f, placement, cap):
         """The leaf's candidate keys; for a split leaf, each shard's few in the bracket, for all.
 
         The bisection then runs on every device without a collective per step."""
 
         def local(x, p, f, lo, hi):
             keys = _candidate_keys(x, p, f, lo, hi, size, cap)
-            return keys if layout is None else _compacted(keys, most)
+            return keys if placement is None else _compacted(keys, most)
 
         if p is None:
             keys = _per_shard(
-                layout, lambda x, f, lo, hi: local(x, None, f, lo, hi), (x, f, b.lo, b.hi), "lsrr"
+                placement,
+                lambda x, f, lo, hi: local(x, None, f, lo, hi),
+                (x, f, b.lo, b.hi),
+                "lsrr",
             )
         else:
-            keys = _per_shard(layout, local, (x, p, f, b.lo, b.hi), "llsrr")
-        if layout is None:
+            keys = _per_shard(placement, local, (x, p, f, b.lo, b.hi), "llsrr")
+        if placement is None:
             return keys
-        everyone = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
+        everyone = jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec())
         return jax.lax.with_sharding_constraint(keys, everyone)
 
     keys = [
-        gathered(x, p, f, layout, cap)
-        for x, p, f, layout, cap in zip(leaves, prevs, flags, layouts, caps, strict=True)
+        gathered(x, p, f, placement, cap)
+        for x, p, f, placement, cap in zip(leaves, prevs, flags, placements, caps, strict=True)
     ]
 
     def among(lo, hi):
@@ -246,9 +275,9 @@ def _among_candidates(leaves, prevs, layouts, b: _Bracket, n_pruned, everywhere,
 
     fits = [
         (jnp.max(jnp.sum(f, axis=-1, dtype=jnp.int32)) <= c) | (_local_size(x, s) < 8 * size)
-        for f, c, x, s in zip(flags, caps, leaves, layouts, strict=True)
+        for f, c, x, s in zip(flags, caps, leaves, placements, strict=True)
     ]
-    for lo, hi, s in zip(b.blocks_lo, b.blocks_hi, layouts, strict=True):
+    for lo, hi, s in zip(b.blocks_lo, b.blocks_hi, placements, strict=True):
         if s is not None:  # the entries in the bracket per shard, exactly
             inside = jnp.sum(hi.astype(jnp.int32) - lo.astype(jnp.int32), axis=-1)
             fits.append(jnp.max(inside) <= most)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxprune._blocks import (
     _COUNTED,
-    Layout,
+    Placement,
     _among_candidates,
     _block_counts,
     _block_size,
@@ -225,14 +225,14 @@ def _ranked_keep(
     prevs: tuple[jax.Array | None, ...],
     axes: tuple[int | None, ...],
     n_pruned: jax.Array,
-    layouts: tuple[Layout, ...] | None = None,
+    placements: tuple[Placement, ...] | None = None,
 ) -> tuple[jax.Array, ...]:
     """Keeps all but the ``n_pruned`` lowest-ranked entries of the leaves taken together.
 
     The rank is ``(key, leaf, position)``: magnitude first, then flattening order. With one leaf
     and an ``axis``, every slice along it is ranked on its own (``n_pruned`` per slice). Found by
     bisection on counts (the threshold key, then the position cut among the entries equal to
-    it), so nothing is sorted and sharded leaves need only reductions. With ``layouts`` (each
+    it), so nothing is sorted and sharded leaves need only reductions. With ``placements`` (each
     leaf whole, or split evenly over a mesh), the threshold is searched among the few blocks of
     entries inside the start's bracket, gathered on each shard, instead of over every weight
     (the passes that narrow the bracket count per block of each shard too).
@@ -250,25 +250,25 @@ def _ranked_keep(
 
     axis = axes[0] if len(leaves) == 1 else None
     n = sum(math.prod(x.shape) for x in leaves) // (1 if axis is None else leaves[0].shape[axis])
-    gather = layouts is not None and axis is None and n >= _SAMPLE_FROM
+    gather = placements is not None and axis is None and n >= _SAMPLE_FROM
     size = _block_size(n) if gather else 0  # entries per candidate block
     counted = min(size, _COUNTED)  # with gather, passes count per block of this many
 
-    # Per-block counts travel concatenated, one array per distinct layout: carried through the
+    # Per-block counts travel concatenated, one array per distinct placement: carried through the
     # loops as one array a leaf, they made XLA's compile time grow faster than the leaf count.
-    order = list(dict.fromkeys(layouts or ()))
+    order = list(dict.fromkeys(placements or ()))
 
     def grouped(per_leaf) -> tuple[jax.Array, ...]:
-        assert layouts is not None
+        assert placements is not None
         return tuple(
-            jnp.concatenate([a for a, s in zip(per_leaf, layouts, strict=True) if s == g], -1)
+            jnp.concatenate([a for a, s in zip(per_leaf, placements, strict=True) if s == g], -1)
             for g in order
         )
 
     def ungrouped(groups: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        assert layouts is not None
+        assert placements is not None
         out, start = [], dict.fromkeys(order, 0)
-        for x, s in zip(leaves, layouts, strict=True):
+        for x, s in zip(leaves, placements, strict=True):
             blocks = -(-_local_size(x, s) // counted)
             out.append(groups[order.index(s)][..., start[s] : start[s] + blocks])
             start[s] += blocks
@@ -278,16 +278,16 @@ def _ranked_keep(
         xs, ps, a, c = jax.lax.optimization_barrier((leaves, prevs, a, c))
         keys = [_keys(x, p) for x, p in zip(xs, ps, strict=True)]
         if gather:
-            assert layouts is not None
+            assert placements is not None
             at_a, at_c = zip(
                 *(
                     _per_shard(
-                        layout,
+                        placement,
                         lambda k, a, c: _block_counts(k, a, c, counted),
                         (key, a, c),
                         "lrr",
                     )
-                    for key, layout in zip(keys, layouts, strict=True)
+                    for key, placement in zip(keys, placements, strict=True)
                 ),
                 strict=True,
             )
@@ -308,12 +308,12 @@ def _ranked_keep(
         jnp.full(n_pruned.shape, n, jnp.int32),
     )
     if gather:  # at the top end every block may hold entries of the bracket
-        assert layouts is not None
+        assert placements is not None
         sizes = [
             _block_sizes(_local_size(x, s), counted)
             if s is None
             else jnp.tile(_block_sizes(_local_size(x, s), counted), (_shards(s), 1))
-            for x, s in zip(leaves, layouts, strict=True)
+            for x, s in zip(leaves, placements, strict=True)
         ]
         b = b._replace(
             blocks_lo=grouped([jnp.zeros_like(s) for s in sizes]), blocks_hi=grouped(sizes)
@@ -335,7 +335,7 @@ def _ranked_keep(
         b = _narrowed_to(b, count_pair, n_pruned, math.isqrt(n))
         b = b._replace(blocks_lo=ungrouped(b.blocks_lo), blocks_hi=ungrouped(b.blocks_hi))
         threshold, below, tie_counts = _among_candidates(
-            leaves, prevs, layouts, b, n_pruned, everywhere, size
+            leaves, prevs, placements, b, n_pruned, everywhere, size
         )
     else:
         threshold, below, tie_counts = everywhere(b.lo, b.hi)
@@ -374,7 +374,7 @@ def _tie_cut(x, prev, threshold, axis, partial, hi, take) -> jax.Array:
     return _bisect(count_before, jnp.where(partial, -1, hi - 1), hi, take)
 
 
-ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "layouts"))
+ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "placements"))
 
 
 def check_countable(what: str, n: int) -> None:

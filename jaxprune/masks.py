@@ -22,9 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
-from jaxprune._blocks import Layout, Split
+from jaxprune._blocks import placements_of
 from jaxprune._options import QSpec, check_scalar, is_traced, per_slice, per_unit
 from jaxprune._ranking import check_countable, ranked_keep
 from jaxprune._text import table
@@ -166,32 +165,6 @@ def _keep_above_std(
     return keep if prev is None else keep & prev
 
 
-def _layouts(leaves) -> tuple[Layout, ...] | None:
-    """How each leaf lies, where entries may be gathered per shard; ``None`` where they may not.
-
-    A leaf is whole on one device (or replicated), or split evenly over a mesh by a
-    ``NamedSharding``. Traced leaves on several devices may be sharded in ways not known while
-    tracing, and other shardings are not split by mesh axes: those are ranked by reductions only.
-    """
-    if jax.device_count() == 1:
-        return tuple(None for _ in leaves)
-    out: list[Layout] = []
-    for x in leaves:
-        if isinstance(x, jax.core.Tracer):
-            return None
-        sharding = x.sharding
-        if len(sharding.device_set) == 1 or sharding.is_fully_replicated:
-            out.append(None)
-            continue
-        if not isinstance(sharding, NamedSharding):
-            return None
-        split = Split(sharding.mesh, sharding.spec)
-        if not split.divides(x.shape):
-            return None
-        out.append(split)
-    return tuple(out)
-
-
 def _pruned_count(sparsity: Any, n: int) -> Any:
     # Round half up; exact in Python for a concrete sparsity, float32 when traced.
     if is_traced(sparsity):
@@ -278,7 +251,7 @@ def masks_for_sparsity(
     prev_of = dict(leaves_with_paths(previous)) if previous is not None else {}
     chosen = [(p, jnp.asarray(leaf)) for p, leaf in leaves_with_paths(params) if prunable[p]]
 
-    layouts = _layouts([leaf for _, leaf in chosen])
+    placements = placements_of([leaf for _, leaf in chosen])
 
     def prev(path: str) -> jax.Array | None:
         return jnp.asarray(prev_of[path], dtype=bool) if path in prev_of else None
@@ -297,7 +270,11 @@ def masks_for_sparsity(
             counts = [jnp.asarray(_pruned_count(frac.get(u, 0.0), n), jnp.int32) for u in slices]
             n_pruned = counts[0] if axis is None else jnp.stack(counts)
             (keep_of[p],) = ranked_keep(
-                (leaf,), (prev(p),), (axis,), n_pruned, None if layouts is None else (layouts[i],)
+                (leaf,),
+                (prev(p),),
+                (axis,),
+                n_pruned,
+                None if placements is None else (placements[i],),
             )
     else:
         total = sum(leaf.size for _, leaf in chosen)
@@ -307,7 +284,7 @@ def masks_for_sparsity(
             tuple(prev(p) for p, _ in chosen),
             (None,) * len(chosen),
             jnp.asarray(_pruned_count(sparsity, total), jnp.int32),
-            layouts,
+            placements,
         )
         keep_of = {p: k for (p, _), k in zip(chosen, keeps, strict=True)}
 

@@ -225,8 +225,8 @@ MASKS_SCRIPT = textwrap.dedent(
     sizes = [x.size for x in jax.tree.leaves(big)]
     for label, (mesh, kernel_spec) in meshes.items():
         sharded, prev_s = place(big, lambda x: kernel_spec), place(big_prev, lambda x: kernel_spec)
-        layouts = jaxprune.masks._layouts(jax.tree.leaves(sharded))
-        assert all(isinstance(s, jaxprune._blocks.Split) for s in layouts), layouts
+        placements = jaxprune._blocks.placements_of(jax.tree.leaves(sharded))
+        assert all(isinstance(s, jaxprune._blocks.Split) for s in placements), placements
         for (scope, s), want in want_big.items():
             got = jaxprune.masks_for_sparsity(sharded, s, scope=scope, previous=prev_s)
             same(want, got, sharded, (label, scope, s))
