@@ -28,16 +28,14 @@ class Split(NamedTuple):
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
     spec: jax.sharding.PartitionSpec
 
-    def _ways(self, entry) -> int:
-        names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-        return math.prod(self.mesh.shape[a] for a in names)
+    @staticmethod
+    def _names(entry) -> tuple[str, ...]:
+        return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
     @property
     def axes(self) -> tuple[str, ...]:
         """The mesh axes the leaf is split over, in order."""
-        return tuple(
-            a for e in self.spec if e is not None for a in (e if isinstance(e, tuple) else (e,))
-        )
+        return tuple(a for e in self.spec for a in self._names(e))
 
     @property
     def shards(self) -> int:
@@ -45,7 +43,8 @@ class Split(NamedTuple):
 
     def divides(self, shape: tuple[int, ...]) -> bool:
         """Whether every dimension of ``shape`` splits evenly (``shard_map`` needs that)."""
-        return all(d % self._ways(e) == 0 for d, e in zip(shape, self.spec, strict=False))
+        ways = [math.prod(self.mesh.shape[a] for a in self._names(e)) for e in self.spec]
+        return all(d % w == 0 for d, w in zip(shape, ways, strict=False))
 
 
 Placement = Split | None  # None: the leaf is whole on every device that holds it
@@ -86,10 +85,11 @@ def _local_size(x: jax.Array, placement: Placement) -> int:
 
 
 def _per_shard(placement: Placement, fn, args: tuple, kinds: str):
-    """``fn`` on each shard of a leaf, its outputs stacked on a new first axis (of shards).
+    """``fn`` on each shard of a split leaf, its outputs stacked on a new first axis (of shards).
 
     ``kinds`` gives each argument's placement: ``l`` like the leaf, ``s`` one row per shard (an
-    output of this function), ``r`` replicated. With the leaf whole, ``fn`` runs once on it.
+    output of this function), ``r`` replicated. With the leaf whole, ``fn`` runs once on it and
+    its outputs come as they are (no axis of shards).
     """
 
     def stacked(*a):
