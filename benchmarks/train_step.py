@@ -1,34 +1,34 @@
 """One SGD training step of LeNet-5 at batch 128: plain XLA convolutions vs ``fast_conv``.
 
 LeNet-5 is Caffe's (conv 5x5 20, max-pool, conv 5x5 50, max-pool, fc 500 ReLU, fc 10, 28x28x1
-inputs), as ``jaxprune.demo.models.LeNet5`` builds it, with its convolutions either
-``lax.conv_general_dilated`` ("plain") or :func:`jaxprune.conv.fast_conv` (what the demo model
-uses). Each step is one jitted call (forward, backward, SGD update), timed round by round in a
-shuffled order by ``measure.interleaved_medians``; the cores other processes kept busy meanwhile
-(``measure.Load``) are printed beside each figure. Where ``import torch`` works, torch's step on
-the same architecture (its own initialisation, inputs transposed to NCHW) is timed in the same
-rounds.
+inputs), as ``jaxprune.demo.models.LeNet5`` builds it (same pooling), with its convolutions
+``lax.conv_general_dilated`` ("plain"), :func:`jaxprune.conv.fast_conv` ("fast_conv": XLA's
+forward, matmul gradients) or ``fast_conv`` with ``forward='patches'`` ("patches": the value as
+one matmul too, what the demo model uses). Each step is one jitted call (forward, backward, SGD
+update) taking the batch as an argument, timed round by round in a shuffled order by
+``measure.interleaved_medians``; the cores other processes kept busy meanwhile (``measure.Load``)
+are printed beside each figure. Where ``import torch`` works, torch's step on the same
+architecture (its own initialisation, inputs transposed to NCHW) is timed in the same rounds.
 
     python benchmarks/train_step.py [--quick] [--repeats N] [--budget SECONDS]
 
-Measured on this project's 2 shared CPU cores under ``flock /tmp/jaxprune-bench.lock``, jax
-0.10.2, torch 2.13.0+cpu (the CPU-only wheel), others' load 0.00 cores in every run:
+Measured on this project's 2 shared CPU cores (AMD EPYC) under ``flock /tmp/jaxprune-bench.lock``,
+jax 0.10.2, torch 2.13.0+cpu (the CPU-only wheel), others' load 0.00 cores in both runs:
 
-- AMD EPYC machine (this session), two full runs: plain 40.5 / 43.1 ms/step, fast_conv 43.3 /
-  44.2, torch 28.1 / 29.0; fast_conv / plain 1.07 / 1.03, fast_conv / torch 1.54 / 1.53. A third
-  run without torch: plain 47.4, fast_conv 47.0 (0.99).
-- An earlier session's machine, two runs without torch: plain 73.2 / 59.3 ms/step, fast_conv
-  62.7 / 55.0 (0.86 / 0.93).
+- plain 46.9 / 44.2 ms/step, fast_conv 47.8 / 46.2, patches 40.1 / 38.4, torch 37.6 / 36.9;
+- patches / plain 0.855 / 0.869, patches / torch 1.067 / 1.040, fast_conv / torch 1.27 / 1.25.
 
-So fast_conv's gain depends on the CPU (XLA's kernel-gradient convolution is slow on some, not
-on others), and torch's oneDNN convolutions run this step about 1.5x faster than either. Read the
-ratios, not the absolute times: plain moved by 20% between two quiet runs.
+So patches is the fastest JAX step here and within 4-7% of torch's oneDNN step, not yet faster.
+Earlier sessions' steps closed over the batch, which let XLA fold the first layer's patches into
+a constant: the batch is an argument now, as in training. Read the ratios, not the absolute
+times: plain moved by 20% between two quiet runs on an earlier day.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import numpy as np
@@ -61,7 +61,7 @@ def _jax_step(module: nn.Module, x: jax.Array, y: jax.Array) -> Callable[[], obj
     tx = optax.sgd(0.01)
 
     @jax.jit
-    def step(params, opt_state):
+    def step(params, opt_state, x, y):  # the batch is an argument, as in training: not folded
         def loss(p):
             logits = module.apply({"params": p}, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -71,7 +71,7 @@ def _jax_step(module: nn.Module, x: jax.Array, y: jax.Array) -> Callable[[], obj
         return optax.apply_updates(params, updates), opt_state
 
     opt_state = tx.init(params)
-    return lambda: step(params, opt_state)
+    return lambda: step(params, opt_state, x, y)
 
 
 def _torch_step(x: np.ndarray, y: np.ndarray) -> Callable[[], object] | None:
@@ -115,6 +115,7 @@ def main() -> None:
     fns = {
         "plain": _jax_step(_LeNet5(), x, y),
         "fast_conv": _jax_step(_LeNet5(fast_conv), x, y),
+        "patches": _jax_step(_LeNet5(partial(fast_conv, forward="patches")), x, y),
     }
     torch_step = _torch_step(np.asarray(x), np.asarray(y))
     if torch_step is None:
@@ -127,11 +128,14 @@ def main() -> None:
     for name, seconds in med.items():
         print(f"  {name:9s}: {1e3 * seconds:7.2f} ms/step (others' load {load.cores:.2f} cores)")
     print(
-        f"  ratio fast_conv/plain: {med['fast_conv'] / med['plain']:.3f} "
-        f"(others' load {load.cores:.2f} cores)"
+        f"  ratios fast_conv/plain {med['fast_conv'] / med['plain']:.3f}, "
+        f"patches/plain {med['patches'] / med['plain']:.3f} (others' load {load.cores:.2f} cores)"
     )
     if "torch" in med:
-        print(f"  ratio fast_conv/torch: {med['fast_conv'] / med['torch']:.3f}")
+        print(
+            f"  ratios fast_conv/torch {med['fast_conv'] / med['torch']:.3f}, "
+            f"patches/torch {med['patches'] / med['torch']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,21 +1,25 @@
-"""A drop-in ``conv_general_dilated`` whose kernel gradient is one matrix product.
+"""A drop-in ``conv_general_dilated`` whose gradients (and optionally value) are matrix products.
 
 On some CPUs XLA runs a channel-last forward convolution fast but the convolution it derives for
 the kernel's gradient several times slower (LeNet-5's conv1 at about 2 GFLOP/s against 14-24
 forward on one of this project's machines), and that gradient was most of a conv training step.
-:func:`fast_conv` keeps XLA's forward convolution and defines its own gradients (a
-``jax.custom_vjp``):
+:func:`fast_conv` defines its own gradients (a ``jax.custom_vjp``):
 
-- kernel: ``patches(x)^T @ dy``, the patches built from strided slices
-  (``jaxprune._products.im2col``), so the work is one large matmul;
-- input: ``dy @ W^T`` scattered back onto the input (col2im), the transpose of those same slices.
+- kernel: ``patches(x)^T @ dy``, the patches built from strided slices, one spatial axis at a
+  time (``jaxprune._products.im2col``), so the work is one large matmul;
+- input: ``dy @ W^T`` scattered back onto the input (``col2im``, the transpose of those slices).
 
-The gain depends on the CPU: LeNet-5's training step took 0.86-0.93x the plain step's time on
-one machine and 0.99-1.07x (the same, within noise) on another (``benchmarks/train_step.py``).
+Its value is XLA's convolution by default; ``forward='patches'`` computes it as
+``patches(x) @ W`` instead, which is faster for some shapes (5x5 kernels, very few input
+channels) and slower for others (3x3 kernels on 16-64 channels), so it is a choice, not the
+default. LeNet-5's training step at batch 128 (``benchmarks/train_step.py``, two quiet runs on
+this project's AMD EPYC): ``forward='patches'`` 0.86-0.87x the plain step's time and 1.04-1.07x
+torch's; the default forward about 1.02-1.05x plain on that machine (0.86-0.93x on an earlier one).
 
 Values and both gradients equal ``lax.conv_general_dilated``'s up to float rounding. Pass it to a
 Flax layer: ``nn.Conv(..., conv_general_dilated=fast_conv)`` (Linen) or
-``nnx.Conv(..., conv_general_dilated=fast_conv)`` (NNX).
+``nnx.Conv(..., conv_general_dilated=fast_conv)`` (NNX), or
+``functools.partial(fast_conv, forward='patches')`` for the matmul forward.
 
 What it supports: channel-last layouts (``NHWC``/``HWIO``/``NHWC`` and their 1-D and 3-D
 analogues, which is what Flax passes), ``feature_group_count=1``, ``batch_group_count=1``, any
@@ -34,7 +38,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxprune._products import _channel_last_dims, im2col
+from jaxprune._products import _channel_last_dims, col2im, im2col
 
 __all__ = ["fast_conv"]
 
@@ -47,9 +51,20 @@ class _Conv(NamedTuple):
     lhs_dilation: tuple[int, ...]
     rhs_dilation: tuple[int, ...]
     precision: Any
+    forward: str
+
+
+def _patches(conv: _Conv, lhs: jax.Array, kernel_spatial: tuple[int, ...]) -> jax.Array:
+    return im2col(
+        lhs, kernel_spatial, conv.strides, conv.padding, conv.lhs_dilation, conv.rhs_dilation
+    )
 
 
 def _forward(conv: _Conv, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    if conv.forward == "patches":
+        patches = _patches(conv, lhs, rhs.shape[:-2])
+        w2d = rhs.reshape(-1, rhs.shape[-1])
+        return jnp.matmul(patches, w2d, precision=conv.precision)
     return jax.lax.conv_general_dilated(
         lhs,
         rhs,
@@ -77,20 +92,26 @@ def _conv_bwd(
     conv: _Conv, residuals: tuple[jax.Array, jax.Array], dy: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     lhs, rhs = residuals
-    # col2im is the transpose of im2col (pads and adds). Under jit, XLA drops the input gradient
-    # where nobody uses it (a first layer).
-    patches, col2im = jax.vjp(
-        lambda x: im2col(
-            x, rhs.shape[:-2], conv.strides, conv.padding, conv.lhs_dilation, conv.rhs_dilation
-        ),
-        lhs,
-    )
+    # The patches are rebuilt rather than kept from the forward pass (under jit XLA computes them
+    # once where both passes need them), so the residuals are the input, as for lax's own.
+    patches = _patches(conv, lhs, rhs.shape[:-2])
     cols = patches.reshape(-1, patches.shape[-1])  # (N * positions, prod(kernel) * C)
     dy2d = dy.reshape(-1, dy.shape[-1])  # (N * positions, F)
     w2d = rhs.reshape(-1, rhs.shape[-1])  # (prod(kernel) * C, F)
-    d_rhs = jnp.matmul(cols.T, dy2d, precision=conv.precision).reshape(rhs.shape)
-    (d_lhs,) = col2im(jnp.matmul(dy2d, w2d.T, precision=conv.precision).reshape(patches.shape))
-    return d_lhs, d_rhs
+    contract_rows = (((0,), (0,)), ((), ()))
+    d_rhs = jax.lax.dot_general(cols, dy2d, contract_rows, precision=conv.precision)
+    # Under jit, XLA drops the input gradient where nobody uses it (a first layer).
+    d_cols = jnp.matmul(dy2d, w2d.T, precision=conv.precision).reshape(patches.shape)
+    d_lhs = col2im(
+        d_cols,
+        jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
+        rhs.shape[:-2],
+        conv.strides,
+        conv.padding,
+        conv.lhs_dilation,
+        conv.rhs_dilation,
+    )
+    return d_lhs, d_rhs.reshape(rhs.shape)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -136,11 +157,13 @@ def fast_conv(
     precision: Any = None,
     preferred_element_type: Any = None,
     out_sharding: Any = None,
+    *,
+    forward: str = "conv",
 ) -> jax.Array:
     """``jax.lax.conv_general_dilated`` for channel-last inputs, with matmul gradients.
 
-    Same arguments and values as ``lax.conv_general_dilated``; only the gradients are computed
-    differently (see the module docstring), which makes conv training several times faster on CPU.
+    Same arguments and values as ``lax.conv_general_dilated``; the gradients are computed
+    differently (see the module docstring), and so, with ``forward='patches'``, is the value.
 
     Args:
       lhs: input, ``(N, *spatial, C)``.
@@ -156,14 +179,19 @@ def fast_conv(
       precision: passed to the forward convolution and to the gradients' matmuls.
       preferred_element_type: must be ``None`` (the output has the inputs' dtype).
       out_sharding: must be ``None`` (``nnx.Conv`` passes it; sharded outputs are not supported).
+      forward: how the value is computed. ``'conv'``: XLA's convolution. ``'patches'``: the
+        input's patches times the kernel matrix, one matmul, as the gradients are. Which is faster
+        depends on the shape: on this project's CPUs ``'patches'`` ran 5x5 kernels (LeNet-5's,
+        also with 64 channels) and 3x3 kernels on 3 input channels 1.2-1.4x faster than XLA, and
+        3x3 kernels on 16-64 channels 1.5-2.6x slower. Pass it with ``functools.partial``.
 
     Returns:
       ``(N, *out_spatial, F)``, equal to ``lax.conv_general_dilated(...)``.
 
     Raises:
       ValueError: for a layout other than channel-last, grouped convolutions, a
-        ``preferred_element_type`` or ``out_sharding``, inputs of different dtypes, or malformed
-        strides, dilations or padding; the message names the argument.
+        ``preferred_element_type`` or ``out_sharding``, inputs of different dtypes, malformed
+        strides, dilations or padding, or an unknown ``forward``; the message names the argument.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -180,6 +208,8 @@ def fast_conv(
       >>> bool(jnp.allclose(grads["kernel"], expected["kernel"], rtol=1e-5))
       True
     """
+    if forward not in ("conv", "patches"):
+        raise ValueError(f"fast_conv: forward is {forward!r}, expected 'conv' or 'patches'.")
     if lhs.ndim < 3 or lhs.ndim != rhs.ndim:
         raise ValueError(
             f"fast_conv: lhs has shape {tuple(lhs.shape)} and rhs {tuple(rhs.shape)}, expected "
@@ -226,5 +256,6 @@ def fast_conv(
         _spatial("lhs_dilation", lhs_dilation, n),
         _spatial("rhs_dilation", rhs_dilation, n),
         precision,
+        forward,
     )
     return _conv(conv, lhs, rhs)

@@ -11,21 +11,26 @@ Choices shared by every model here:
 - ``dropout_rates`` holds one rate per dense layer, applied to that layer's *input*, so that Han et
   al. 2015, Sec. 3.2's rescaling ``D_r = D_o * sqrt(C_r / C_o)`` of a layer's connections maps to
   one entry (see :func:`dense_layer_names`). ``None`` means no dropout, as in Caffe's LeNets.
-- LeNet-5's convolutions run :func:`jaxprune.conv.fast_conv`: the same values and gradients as
-  ``lax.conv_general_dilated``, with the kernel gradient as one matmul: a faster CPU
-  training step where XLA's kernel-gradient convolution is slow, about the same step where it is
-  not (``benchmarks/train_step.py``).
+- LeNet-5's convolutions run :func:`jaxprune.conv.fast_conv` with ``forward='patches'``: the same
+  values and gradients as ``lax.conv_general_dilated``, each computed as one matmul of the
+  input's patches, which made the CPU training step 0.86-0.87x the plain one
+  (``benchmarks/train_step.py``); its max-pool has a written-out gradient for the same reason.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import nnx
 
 from jaxprune.conv import fast_conv
+
+# LeNet-5's 5x5 convolutions run faster as patches times the kernel matrix (see fast_conv).
+_conv = functools.partial(fast_conv, forward="patches")
 
 __all__ = [
     "LeNet5",
@@ -37,16 +42,52 @@ __all__ = [
 ]
 
 
+def _quarters(x: jax.Array) -> tuple[jax.Array, ...]:
+    """The four entries of every 2x2 window (odd last row or column dropped), in row order."""
+    h, w = x.shape[1:3]
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
+def _pool_with_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    quarters = _quarters(x)
+    top = functools.reduce(jnp.maximum, quarters)
+    which = jnp.full(top.shape, 3, jnp.int8)
+    for i in (2, 1, 0):  # the first entry equal to the max wins a tie
+        which = jnp.where(quarters[i] == top, jnp.int8(i), which)
+    return top, which
+
+
+@jax.custom_vjp
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool with stride 2 ('VALID': an odd last row or column is dropped).
 
-    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, written as a reshape and a max: on
-    CPU, XLA's gradient of ``reduce_window`` (select-and-scatter) made LeNet-5's training step
-    about 1.7x slower.
+    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``. The gradient goes to the first
+    largest entry of each window (row order), as ``nn.max_pool``'s and torch's do; it is written
+    out (the window's argmax kept as int8, then one select per entry) because XLA's own
+    gradients of a max cost several passes on CPU: ``reduce_window``'s select-and-scatter made
+    LeNet-5's training step about 1.7x slower, and a reshape-and-max about 5% slower than this.
     """
-    n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return functools.reduce(jnp.maximum, _quarters(x))
+
+
+def _pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple[int, ...]]]:
+    top, which = _pool_with_argmax(x)
+    return top, (which, x.shape)
+
+
+def _pool_bwd(residuals: tuple[jax.Array, tuple[int, ...]], g: jax.Array) -> tuple[jax.Array]:
+    which, shape = residuals
+    zero = jnp.zeros((), g.dtype)
+    parts = [jnp.where(which == i, g, zero) for i in range(4)]
+    rows = [jnp.stack(parts[:2], axis=3), jnp.stack(parts[2:], axis=3)]  # (N, H/2, W/2, 2, C)
+    n, h2, w2, c = g.shape
+    dx = jnp.stack(rows, axis=2).reshape(n, 2 * h2, 2 * w2, c)
+    pad = [(0, 0), (0, shape[1] - 2 * h2), (0, shape[2] - 2 * w2), (0, 0)]
+    return (jnp.pad(dx, pad),)
+
+
+_max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
 def _check_rates(rates: Sequence[float] | None, n_dense: int, model: str) -> tuple[float, ...]:
@@ -191,7 +232,7 @@ class LeNet5(nn.Module):
                 ch,
                 (5, 5),
                 padding=self.padding,
-                conv_general_dilated=fast_conv,
+                conv_general_dilated=_conv,
                 name=f"conv{i + 1}",
             )
             x = conv(x)
@@ -298,7 +339,7 @@ class NNXLeNet5(nnx.Module):
         flat = _lenet5_flat_size(image_shape, channels, padding, "NNXLeNet5")
         rates = _check_rates(dropout_rates, 2, "NNXLeNet5")
         conv: dict[str, Any] = dict(
-            kernel_size=(5, 5), padding=padding, conv_general_dilated=fast_conv, rngs=rngs
+            kernel_size=(5, 5), padding=padding, conv_general_dilated=_conv, rngs=rngs
         )
         self.conv1 = nnx.Conv(int(image_shape[2]), channels[0], **conv)
         self.conv2 = nnx.Conv(channels[0], channels[1], **conv)
