@@ -181,7 +181,7 @@ def fast_conv(
       out_sharding: must be ``None`` (``nnx.Conv`` passes it; sharded outputs are not supported).
       forward: how the value is computed. ``'conv'``: XLA's convolution. ``'patches'``: the
         input's patches times the kernel matrix, one matmul, as the gradients are. Which is faster
-        depends on the shape: on this project's CPUs ``'patches'`` ran 5x5 kernels (LeNet-5's,
+        depends on the shape: in one standalone timing on this project's CPUs ``'patches'`` ran 5x5 kernels (LeNet-5's,
         also with 64 channels) and 3x3 kernels on 3 input channels 1.2-1.4x faster than XLA, and
         3x3 kernels on 16-64 channels 1.5-2.6x slower. Pass it with ``functools.partial``.
 
