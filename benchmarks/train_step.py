@@ -31,13 +31,16 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
-import numpy as np
-import optax
-from flax import linen as nn
-from measure import Load, interleaved_medians
 
-from jaxprune.conv import fast_conv
-from jaxprune.demo.models import _max_pool_2x2
+jax.config.update("jax_num_cpu_devices", 2)  # before JAX's first operation: "patches x2"
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as nn  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from measure import Load, interleaved_medians  # noqa: E402
+
+from jaxprune.conv import fast_conv  # noqa: E402
+from jaxprune.demo.models import _max_pool_2x2  # noqa: E402
 
 BATCH = 128
 
@@ -56,9 +59,15 @@ class _LeNet5(nn.Module):
         return nn.Dense(10)(nn.relu(nn.Dense(500)(x)))
 
 
-def _jax_step(module: nn.Module, x: jax.Array, y: jax.Array) -> Callable[[], object]:
+def _jax_step(
+    module: nn.Module, x: jax.Array, y: jax.Array, split: bool = False
+) -> Callable[[], object]:
     params = module.init(jax.random.key(0), x[:1])["params"]
     tx = optax.sgd(0.01)
+    if split:  # data parallel over 2 CPU devices, as the demo trains LeNet-5
+        mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))
+        x, y = jax.device_put((x, y), NamedSharding(mesh, PartitionSpec("batch")))
+        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
     @jax.jit
     def step(params, opt_state, x, y):  # the batch is an argument, as in training: not folded
@@ -117,6 +126,8 @@ def main() -> None:
         "fast_conv": _jax_step(_LeNet5(fast_conv), x, y),
         "patches": _jax_step(_LeNet5(partial(fast_conv, forward="patches")), x, y),
     }
+    if len(jax.devices()) >= 2:
+        fns["patches x2"] = _jax_step(_LeNet5(partial(fast_conv, forward="patches")), x, y, True)
     torch_step = _torch_step(np.asarray(x), np.asarray(y))
     if torch_step is None:
         print("torch: not installed, skipped")
@@ -131,10 +142,17 @@ def main() -> None:
         f"  ratios fast_conv/plain {med['fast_conv'] / med['plain']:.3f}, "
         f"patches/plain {med['patches'] / med['plain']:.3f} (others' load {load.cores:.2f} cores)"
     )
+    if "patches x2" in med:
+        print(f"  ratio patches x2/patches {med['patches x2'] / med['patches']:.3f}")
     if "torch" in med:
         print(
             f"  ratios fast_conv/torch {med['fast_conv'] / med['torch']:.3f}, "
             f"patches/torch {med['patches'] / med['torch']:.3f}"
+            + (
+                f", patches x2/torch {med['patches x2'] / med['torch']:.3f}"
+                if "patches x2" in med
+                else ""
+            )
         )
 
 

@@ -13,6 +13,7 @@ far less than the round's retraining. Masks, params, optimizer state and the RNG
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -108,7 +109,7 @@ def _split_result(result: Any, model_state: PyTree, has_aux: bool) -> tuple[Any,
 def make_retrain_step(
     loss_fn: LossFn, tx: optax.GradientTransformation, *, has_aux: bool = False
 ) -> Callable[[RetrainState, Batch], tuple[RetrainState, dict[str, jax.Array]]]:
-    """Returns a jitted ``step(state, batch) -> (state, metrics)`` for any model's loss.
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted, for any model's loss.
 
     One step: ``grads = grad(loss_fn)(params, batch, fold_in(rng, step))``, then
     ``tx.update(grads, opt_state, params)`` and ``optax.apply_updates``. Everything in the state
@@ -128,8 +129,11 @@ def make_retrain_step(
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
     Returns:
-      The jitted step; ``metrics`` holds ``'loss'`` and the entries of ``aux``. The input state is
-      not donated or modified.
+      The step, which calls the jitted function (its ``.jitted``; ``metrics`` holds ``'loss'``
+      and the entries of ``aux``). The input state is not donated or modified. A step whose
+      state is spread over several CPU devices returns once it has run: XLA's CPU all-reduce
+      can deadlock with two data-parallel steps in flight. Everywhere else it returns at once,
+      as JAX's asynchronous dispatch does.
 
     Raises:
       ValueError: (at the first call) if, with a model state, ``loss_fn`` returns another shape
@@ -163,7 +167,31 @@ def make_retrain_step(
         new = RetrainState(params, opt_state, state.rng, state.step + 1, model_state)
         return new, {"loss": loss, **aux}
 
-    return jax.jit(step)
+    jitted = jax.jit(step)
+
+    @functools.wraps(step)
+    def run(state: RetrainState, batch: Batch) -> tuple[RetrainState, dict[str, jax.Array]]:
+        out = jitted(state, batch)
+        if _on_cpu_devices(out[0].step):
+            jax.block_until_ready(out)
+        return out
+
+    run.jitted = jitted  # type: ignore[attr-defined]
+    return run
+
+
+def _on_cpu_devices(x: jax.Array) -> bool:
+    """Whether ``x`` lives on more than one CPU device: a data-parallel step on the CPU.
+
+    There XLA sums the gradients with an all-reduce in which each device's part waits for the
+    others on a shared thread pool; with a second such step queued behind the first, the parts
+    of two steps can hold every thread and wait on each other for good (jax 0.10.2 on 2 cores
+    aborted within about 60 steps: "Termination timeout for all reduce"). Waiting for each
+    data-parallel CPU step before the next one is queued avoids that, at the cost of dispatch
+    overlap (tens of microseconds a step).
+    """
+    devices = x.sharding.device_set
+    return len(devices) > 1 and next(iter(devices)).platform == "cpu"
 
 
 def _graph_nodes(model: nnx.Module, kind: type) -> list[tuple[str, Any]]:

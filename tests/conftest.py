@@ -25,6 +25,11 @@ settings.register_profile(
 )
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# Start JAX here, on its default devices: the command line asks for 2 CPU devices before JAX's
+# first operation (LeNet-5 trains data parallel), and a test calling it first would otherwise
+# leave every later test in its process on 2 devices.
+jax.devices()
+
 
 @pytest.fixture(autouse=True)
 def _strict_numerics(request):

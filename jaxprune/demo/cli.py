@@ -8,14 +8,17 @@ jaxprune sensitivity --model lenet5 --data-dir DIR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -292,9 +295,11 @@ def _pipeline(args: argparse.Namespace, console: Console) -> int:
 
 def _stages(args, config: Config, data: Any, ckpt: Checkpoints, console: Console, started) -> int:
     out = ckpt.out
+    devices = run.training_devices(config, data)
+    split = f"; each batch split over {devices} devices" if devices > 1 else ""
     console.print(
         f"[bold]{config.model}[/] on {data.name}: {len(data.x_train):,} train / "
-        f"{len(data.x_test):,} test images of {data.x_train.shape[1:]}; output in {out}"
+        f"{len(data.x_test):,} test images of {data.x_train.shape[1:]}{split}; output in {out}"
     )
     dense, base_error = _dense(config, data, ckpt, console, args.resume)
     console.print(f"dense: {count_params(dense):,} parameters, test error {report.pct(base_error)}")
@@ -308,6 +313,7 @@ def _stages(args, config: Config, data: Any, ckpt: Checkpoints, console: Console
         "config": dataclasses.asdict(config),
         "run_sha256": ckpt.run_hash,
         "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
+        "training_devices": run.training_devices(config, data),
         "dense_error": base_error,
         "pruned_error": 1.0 - state.history[-1].metric,
         "weights": summary.total,
@@ -369,6 +375,21 @@ def _sensitivity_command(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _ask_for_devices(model: str) -> None:
+    """Asks JAX for the CPU devices ``model``'s data-parallel steps use (:func:`run.cpu_devices`).
+
+    Only before JAX's first operation in this process, and only where the user has not chosen a
+    count (``jax_num_cpu_devices``, or ``--xla_force_host_platform_device_count`` in
+    ``XLA_FLAGS``): later runs in one process keep the devices the first one had.
+    """
+    n = run.cpu_devices(model)
+    chosen = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    if n == 1 or chosen or jax.config.jax_num_cpu_devices != -1:
+        return
+    with contextlib.suppress(RuntimeError):  # JAX has started: its devices stay as they are
+        jax.config.update("jax_num_cpu_devices", n)
+
+
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -386,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     try:
         args = _parser().parse_args(argv)
+        _ask_for_devices(args.model)
         console = Console()
         if args.command == "sensitivity":
             return _sensitivity_command(args, console)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import itertools
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxprune.analysis import accuracy
 from jaxprune.demo.data import Dataset, batches
@@ -109,11 +111,66 @@ def _make_eval(model_name: str, digits: bool) -> Callable[[PyTree, np.ndarray], 
     return apply_fn
 
 
+# Devices each model's training batches are split over (data parallel; XLA sums the gradients).
+# XLA runs most of a step's ops on one thread, so on 2 CPU cores LeNet-5's step split over 2 CPU
+# devices ran 0.75x its time on one; LeNet-300-100's step is too small to gain (1.2x). Measured
+# by ``benchmarks/train_step.py``. The command line asks JAX for the devices (:func:`cpu_devices`).
+DATA_PARALLEL = {"lenet5": 2}
+
+
+def batch_sharding(config: Config, data: Dataset) -> NamedSharding | None:
+    """How :func:`epoch_batches` places a batch: split over :data:`DATA_PARALLEL` devices.
+
+    ``None`` (one device, JAX's default) for models not listed, where JAX has fewer local devices
+    than listed, or where they do not divide the batch.
+    """
+    n = DATA_PARALLEL.get(config.model, 1)
+    devices = jax.local_devices()
+    if n == 1 or len(devices) < n or min(config.batch_size, len(data.x_train)) % n:
+        return None
+    return NamedSharding(Mesh(np.array(devices[:n]), ("batch",)), PartitionSpec("batch"))
+
+
+def training_devices(config: Config, data: Dataset) -> int:
+    """How many devices each training batch is split over (1: not split)."""
+    sharding = batch_sharding(config, data)
+    return 1 if sharding is None else sharding.num_devices
+
+
+def cpu_devices(model: str) -> int:
+    """The CPU devices to ask JAX for (``jax_num_cpu_devices``) before a run of ``model``.
+
+    :data:`DATA_PARALLEL`'s count, capped at the cores this process may use.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(DATA_PARALLEL.get(model, 1), cores))
+
+
+def on_one_device(tree: Any) -> Any:
+    """``tree`` with every array held by several devices (a data-parallel step's params and
+    state, replicated) copied back to JAX's default device, uncommitted as before the split."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            return jnp.asarray(np.asarray(x))
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 def epoch_batches(config: Config, data: Dataset, offset: int) -> Callable[[int], Iterator]:
-    """``batches(epoch)`` with its own seed stream: dense training and rounds never share one."""
+    """``batches(epoch)`` with its own seed stream: dense training and rounds never share one.
+
+    The batches are placed by :func:`batch_sharding`: the same examples in the same order either
+    way (and the same dropout draws), so a split step differs from one device's by rounding only.
+    """
+    sharding = batch_sharding(config, data)
 
     def it(epoch: int) -> Iterator:
-        return batches(
+        stream = batches(
             data.x_train,
             data.y_train,
             batch_size=min(config.batch_size, len(data.x_train)),
@@ -121,6 +178,7 @@ def epoch_batches(config: Config, data: Dataset, offset: int) -> Callable[[int],
             epoch=offset + epoch,
             drop_remainder=True,
         )
+        return stream if sharding is None else (jax.device_put(b, sharding) for b in stream)
 
     return it
 
@@ -154,7 +212,7 @@ def train_dense(
             losses.append(metrics["loss"])
         if on_epoch is not None:
             on_epoch(epoch, float(jnp.mean(jnp.stack(losses))))
-    return state.params
+    return on_one_device(state.params)
 
 
 def retrain_optimizer(config: Config, data: Dataset) -> optax.GradientTransformation:
@@ -196,11 +254,11 @@ def rounds(
         schedule = {"q": [{"*": q, **{k: q * f for k, f in config.q_scale}} for q in config.q]}
     else:
         schedule = {"q": config.q}
-    driver: Callable[..., Iterator[RoundsState]] = functools.partial(
+    run_rounds = functools.partial(
         prune_and_retrain,
         loss_fn=make_loss(config),
         batches=epoch_batches(config, data, offset=config.epochs),
-        evaluate=lambda p: accuracy(apply_fn, p, data.x_test, data.y_test),
+        evaluate=lambda p: accuracy(apply_fn, on_one_device(p), data.x_test, data.y_test),
         rounds=config.rounds,
         optimizer=retrain_optimizer(config, data),
         epochs=config.retrain_epochs,
@@ -209,6 +267,10 @@ def rounds(
         on_epoch=on_epoch,
         **schedule,
     )
+
+    def driver(params: PyTree, resume: RoundsState | None) -> Iterator[RoundsState]:
+        return map(on_one_device, run_rounds(params, resume=resume))
+
     if config.ranking == "magnitude":
         yield from driver(params, resume=resume)
         return
