@@ -4,7 +4,9 @@ LeNet-5 is Caffe's (conv 5x5 20, max-pool, conv 5x5 50, max-pool, fc 500 ReLU, f
 inputs), as ``jaxprune.demo.models.LeNet5`` builds it (same pooling), with its convolutions
 ``lax.conv_general_dilated`` ("plain"), :func:`jaxprune.conv.fast_conv` ("fast_conv": XLA's
 forward, matmul gradients) or ``fast_conv`` with ``forward='patches'`` ("patches": the value as
-one matmul too, what the demo model uses). Each step is one jitted call (forward, backward, SGD
+one matmul too, what the demo model uses), and "patches x2": that step with the batch split over
+2 CPU devices (``jax_num_cpu_devices=2``; params replicated, XLA sums the gradients), as the demo
+trains LeNet-5. Each step is one jitted call (forward, backward, SGD
 update) taking the batch as an argument, timed round by round in a shuffled order by
 ``measure.interleaved_medians``; the cores other processes kept busy meanwhile (``measure.Load``)
 are printed beside each figure. Where ``import torch`` works, torch's step on the same
@@ -18,7 +20,12 @@ jax 0.10.2, torch 2.13.0+cpu (the CPU-only wheel), others' load 0.00 cores in bo
 - plain 46.9 / 44.2 ms/step, fast_conv 47.8 / 46.2, patches 40.1 / 38.4, torch 37.6 / 36.9;
 - patches / plain 0.855 / 0.869, patches / torch 1.067 / 1.040, fast_conv / torch 1.27 / 1.25.
 
-So patches is the fastest JAX step here and within 4-7% of torch's oneDNN step, not yet faster.
+So patches is the fastest one-device JAX step here and within 4-7% of torch's oneDNN step, not
+yet faster. Two later quiet runs (others' load 0.00 cores): plain 45.6 / 46.6, patches 39.3 /
+40.5, patches x2 35.0 / 35.9, torch 38.3 / 39.6 ms; patches x2 / patches 0.892 / 0.887 and
+**patches x2 / torch 0.913 / 0.907**: split over the two cores, the step is faster than torch's.
+The gain is small because the second core adds little here: two processes each running the
+batch-64 step on one thread took 30.0 ms a step side by side against 17.7 ms alone.
 Earlier sessions' steps closed over the batch, which let XLA fold the first layer's patches into
 a constant: the batch is an argument now, as in training. Read the ratios, not the absolute
 times: plain moved by 20% between two quiet runs on an earlier day.

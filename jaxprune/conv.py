@@ -12,9 +12,11 @@ forward on one of this project's machines), and that gradient was most of a conv
 Its value is XLA's convolution by default; ``forward='patches'`` computes it as
 ``patches(x) @ W`` instead, which is faster for some shapes (5x5 kernels, very few input
 channels) and slower for others (3x3 kernels on 16-64 channels), so it is a choice, not the
-default. LeNet-5's training step at batch 128 (``benchmarks/train_step.py``, two quiet runs on
-this project's AMD EPYC): ``forward='patches'`` 0.86-0.87x the plain step's time and 1.04-1.07x
-torch's; the default forward about 1.02-1.05x plain on that machine (0.86-0.93x on an earlier one).
+default. LeNet-5's training step at batch 128 (``benchmarks/train_step.py``, four quiet runs on
+this project's AMD EPYC over two sessions): ``forward='patches'`` 0.86-0.87x the plain step's time
+and 1.02-1.07x torch's; the default forward about 1.02-1.07x plain on that machine (0.86-0.93x on
+an earlier one). Split over 2 CPU devices (data parallel, as the demo trains), the patches step
+ran 0.89x its one-device time and 0.91x torch's.
 
 Values and both gradients equal ``lax.conv_general_dilated``'s up to float rounding. Pass it to a
 Flax layer: ``nn.Conv(..., conv_general_dilated=fast_conv)`` (Linen) or
