@@ -206,9 +206,8 @@ def linen_runner(
             if kind == "einsum":
                 return _linen_einsum(module, path, shape, step, *args, **kwargs)
             # The bound module is apply's private clone: swapping its hook leaves `model` alone.
-            hook = _products.dot_general if kind == "dot_general" else _products.conv
             saved = {kind: getattr(module, kind), f"{kind}_cls": getattr(module, f"{kind}_cls")}
-            object.__setattr__(module, kind, hook(path, shape, step.fn, step.index))
+            object.__setattr__(module, kind, _hook(kind, path, shape, step, module))
             object.__setattr__(module, f"{kind}_cls", None)
             try:
                 return next_fun(*args, **kwargs)
@@ -285,10 +284,18 @@ def _install(kind: str, module: Any, path: str, shape: tuple, step: _Step) -> No
     if kind == "einsum":
         module.einsum_op = _products.einsum(path, shape, step.fn, step.index)
         return
-    hook = _products.dot_general if kind == "dot_general" else _products.conv
-    setattr(module, kind, hook(path, shape, step.fn, step.index))
+    setattr(module, kind, _hook(kind, path, shape, step, module))
     if getattr(module, f"{kind}_cls", None) is not None:
         setattr(module, f"{kind}_cls", None)
+
+
+def _hook(kind: str, path: str, shape: tuple, step: _Step, module: Any) -> Callable:
+    """The stand-in for a Dense/Conv layer's product; a Conv keeps its own for dense plans."""
+    if kind == "dot_general":
+        return _products.dot_general(path, shape, step.fn, step.index)
+    cls = getattr(module, "conv_general_dilated_cls", None)
+    own = cls() if cls is not None else getattr(module, kind, None)
+    return _products.conv(path, shape, step.fn, step.index, own or jax.lax.conv_general_dilated)
 
 
 def _nnx_promote(module: Any) -> Callable:

@@ -175,8 +175,18 @@ def _channel_last_dims(ndim: int) -> jax.lax.ConvDimensionNumbers:
     )
 
 
-def conv(path: str, shape: tuple[int, ...], step: Step, resolve: Callable) -> Callable:
-    """A ``conv_general_dilated`` stand-in: patches times the sparse kernel matrix."""
+def conv(
+    path: str,
+    shape: tuple[int, ...],
+    step: Step,
+    resolve: Callable,
+    own: Callable = jax.lax.conv_general_dilated,
+) -> Callable:
+    """A ``conv_general_dilated`` stand-in: patches times the sparse kernel matrix.
+
+    Where the plan keeps the kernel dense, the layer's ``own`` convolution runs it (what the
+    model runs unpruned, e.g. :func:`jaxprune.conv.fast_conv`), called as Flax calls it.
+    """
     contract = tuple(range(len(shape) - 1))  # (kh, kw, cin) rows, cout columns
 
     def hook(
@@ -214,10 +224,16 @@ def conv(path: str, shape: tuple[int, ...], step: Step, resolve: Callable) -> Ca
 
         def run(fmt: str, layout: Any, x: jax.Array) -> jax.Array:
             x = x.astype(dtype)
-            if fmt == "dense":  # XLA's own convolution beats any patches route for dense weights
+            if fmt == "dense":
                 kernel = layout["w"].reshape(shape).astype(x.dtype)
-                return jax.lax.conv_general_dilated(
-                    x, kernel, strides, padding, lhs_dilation, rhs_dilation, dims
+                return own(
+                    x,
+                    kernel,
+                    strides,
+                    padding,
+                    lhs_dilation=lhs_dilation,
+                    rhs_dilation=rhs_dilation,
+                    dimension_numbers=dimension_numbers,
                 )
             patches = im2col(x, shape[:-2], strides, padding, lhs_dilation, rhs_dilation)
             flat = patches.reshape(-1, patches.shape[-1])

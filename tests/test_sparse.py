@@ -15,6 +15,7 @@ from zoo import NNXCNN
 
 import jaxprune
 from jaxprune import _layouts, _native, _products
+from jaxprune.masks import compute_masks
 from jaxprune.sparse import sparse_apply, to_bcoo, to_dense
 
 # "auto" covers dense at this density; 'csr' only where the native kernel could be built here.
@@ -521,6 +522,42 @@ def test_auto_rule_keeps_convolutions_dense(xla_only):
     assert _layouts.choose(_layouts.Product(0.05, 64, (576, 64))) == "bcsr"
     assert apply.plan(x)["Conv_0/kernel"] == "dense"
     _assert_close(apply(x), model.apply({"params": _masked(params, masks)}, x))
+
+
+class _Recorded:
+    """A layer's own convolution that records each call (at trace time) and runs XLA's."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return jax.lax.conv_general_dilated(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["linen", "linen_cls", "nnx"])
+def test_a_dense_planned_conv_runs_the_layers_own_convolution(kind):
+    # The unpruned model's convolution (fast_conv, say) is what a dense plan runs, not XLA's.
+    own, x = _Recorded(), jnp.ones((2, 8, 8, 3))
+    if kind == "nnx":
+        model = nnx.Conv(3, 5, (3, 3), conv_general_dilated=own, rngs=nnx.Rngs(0))
+        state = nnx.state(model, nnx.Param)
+        masks = compute_masks(state, 0.8)
+        exported = to_bcoo(state, masks)
+        nnx.update(model, to_dense(exported))
+        reference = model(x)
+    else:
+        conv = {"conv_general_dilated_cls": lambda: own} if kind == "linen_cls" else {}
+        model = nn.Conv(5, (3, 3), **(conv or {"conv_general_dilated": own}))
+        params = model.init(jax.random.key(0), x)["params"]
+        exported = to_bcoo(params, compute_masks(params, 0.8))
+        reference = model.apply({"params": to_dense(exported)}, x)
+    calls = {}
+    for fmt in ("dense", "bcoo"):  # both trace the model once abstractly with a dense plan
+        own.calls = 0
+        _assert_close(sparse_apply(model, exported, formats=fmt)(x), reference)
+        calls[fmt] = own.calls
+    assert calls["dense"] > calls["bcoo"], calls
 
 
 def test_nnx_model_in_train_mode_is_refused():
