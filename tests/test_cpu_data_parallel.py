@@ -85,8 +85,9 @@ DEMO = textwrap.dedent(
     plain = next(iter(run.epoch_batches(dataclasses.replace(config, model="lenet300"),
                                         data, offset=0)(0)))
     same = all(np.array_equal(np.asarray(a), b) for a, b in zip(split, plain))
+    odd = run.batch_sharding(dataclasses.replace(config, batch_size=63), data)  # 2 cannot divide
     print(json.dumps({"code": code, "devices": len(jax.devices()), "same": same,
-                      "split": len(split[0].sharding.device_set)}))
+                      "split": len(split[0].sharding.device_set), "odd": odd is None}))
     """
 )
 
@@ -98,7 +99,7 @@ def test_the_demo_trains_lenet5_split_over_2_cpu_devices(tmp_path):
     want = run.cpu_devices("lenet5")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert seen["code"] == 0 and seen["devices"] == want and seen["split"] == want
-    assert seen["same"]
+    assert seen["same"] and seen["odd"]
     assert results["training_devices"] == want
     assert 0 < results["kept_fraction"] < 1  # pruned, exported and checked after the split
 

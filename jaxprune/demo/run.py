@@ -122,12 +122,15 @@ DATA_PARALLEL = {"lenet5": 2}
 def batch_sharding(config: Config, data: Dataset) -> NamedSharding | None:
     """How :func:`epoch_batches` places a batch: split over :data:`DATA_PARALLEL` devices.
 
-    ``None`` (one device, JAX's default) for models not listed, where JAX has fewer local devices
-    than listed, or where they do not divide the batch.
+    ``None`` (one device, JAX's default) for models not listed, off the CPU (the split was
+    measured on CPU cores only), where JAX has fewer local devices than listed, or where they do
+    not divide the batch.
     """
     n = DATA_PARALLEL.get(config.model, 1)
     devices = jax.local_devices()
-    if n == 1 or len(devices) < n or min(config.batch_size, len(data.x_train)) % n:
+    if n == 1 or devices[0].platform != "cpu" or len(devices) < n:
+        return None
+    if min(config.batch_size, len(data.x_train)) % n:
         return None
     return NamedSharding(Mesh(np.array(devices[:n]), ("batch",)), PartitionSpec("batch"))
 
