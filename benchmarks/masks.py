@@ -13,8 +13,11 @@ device, once in a child process with two CPU devices and every kernel split by r
 Measured (2 shared cores, AMD EPYC, others' load 0.00-0.06 cores, two full runs), at 100.7M:
 on one device ``masks_for_sparsity`` took 2.1x / 2.2x ``compute_masks`` in layer scope and
 1.7x / 1.7x in global scope; with the kernels split over 2 CPU devices, 3.6x / 3.5x and 2.8x /
-2.4x. Before each counting pass also counted per block, one device read 2.4x / 2.3x. The
-issue's goal, 2x, holds for global scope on one device only. Under jit, masks plus XLA's
+2.4x. Before each counting pass also counted per block, one device read 2.4x / 2.3x. Two
+quiet runs on a later day: one device 2.2x / 2.8x (layer) and 2.4x / 2.2x (global), split
+3.3x / 3.3x and 2.6x / 2.5x; that day the first runs' code read 2.7x / 2.3x, so the machine
+moved, not the code. The issue's goal, 2x, held for global scope on one device on the first
+day only. Under jit, masks plus XLA's
 temporaries came to 1.10 (layer) and 1.50 (global) bytes per parameter.
 
     python benchmarks/masks.py            # 24 matrices of 2048x2048 (about 100M float32)
