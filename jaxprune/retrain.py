@@ -191,7 +191,8 @@ def _on_cpu_devices(x: jax.Array) -> bool:
     overlap (tens of microseconds a step).
     """
     devices = x.sharding.device_set
-    return len(devices) > 1 and next(iter(devices)).platform == "cpu"
+    device: Any = next(iter(devices))  # jaxlib's Device, untyped for mypy
+    return len(devices) > 1 and device.platform == "cpu"
 
 
 def _graph_nodes(model: nnx.Module, kind: type) -> list[tuple[str, Any]]:

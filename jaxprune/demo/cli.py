@@ -384,7 +384,7 @@ def _ask_for_devices(model: str) -> None:
     """
     n = run.cpu_devices(model)
     chosen = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
-    if n == 1 or chosen or jax.config.jax_num_cpu_devices != -1:
+    if n == 1 or chosen or jax.config.values["jax_num_cpu_devices"] != -1:
         return
     with contextlib.suppress(RuntimeError):  # JAX has started: its devices stay as they are
         jax.config.update("jax_num_cpu_devices", n)

@@ -258,7 +258,7 @@ def rounds(
         schedule = {"q": [{"*": q, **{k: q * f for k, f in config.q_scale}} for q in config.q]}
     else:
         schedule = {"q": config.q}
-    run_rounds = functools.partial(
+    run_rounds: Callable[..., Iterator[RoundsState]] = functools.partial(
         prune_and_retrain,
         loss_fn=make_loss(config),
         batches=epoch_batches(config, data, offset=config.epochs),
