@@ -157,7 +157,7 @@ class LeNet300100(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = LeNet300100()
-      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+      >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
       >>> count_params(params)
       266610
       >>> model.apply({"params": params}, jnp.zeros((2, 28, 28, 1))).shape
@@ -204,12 +204,12 @@ class LeNet5(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = LeNet5()
-      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+      >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
       >>> count_params(params)
       431080
       >>> small = LeNet5(padding="SAME")
-      >>> p8 = small.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
-      >>> small.apply({"params": p8}, jnp.zeros((3, 8, 8, 1))).shape
+      >>> p8 = jax.jit(small.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+      >>> jax.jit(small.apply)({"params": p8}, jnp.zeros((3, 8, 8, 1))).shape
       (3, 10)
     """
 
