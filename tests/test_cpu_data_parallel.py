@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from jaxprune.demo import run
+from jaxprune.demo import devices
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ DEMO = textwrap.dedent(
     code = main(["demo", "--model", "lenet5", "--epochs", "1", "--rounds", "1", "--q", "1",
                  "--retrain-epochs", "1", "--no-timing", "--out", out])
     import jax, numpy as np
-    from jaxprune.demo import run
+    from jaxprune.demo import devices, run
     from jaxprune.demo.cli import DEMO
     from jaxprune.demo.data import load_dataset
     config, data = dataclasses.replace(DEMO, model="lenet5"), load_dataset(None)
@@ -85,7 +85,7 @@ DEMO = textwrap.dedent(
     plain = next(iter(run.epoch_batches(dataclasses.replace(config, model="lenet300"),
                                         data, offset=0)(0)))
     same = all(np.array_equal(np.asarray(a), b) for a, b in zip(split, plain))
-    odd = run.batch_sharding(dataclasses.replace(config, batch_size=63), data)  # 2 cannot divide
+    odd = devices.batch_sharding(dataclasses.replace(config, batch_size=63), data)
     print(json.dumps({"code": code, "devices": len(jax.devices()), "same": same,
                       "split": len(split[0].sharding.device_set), "odd": odd is None}))
     """
@@ -96,7 +96,7 @@ def test_the_demo_trains_lenet5_split_over_2_cpu_devices(tmp_path):
     proc = _python(DEMO, str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    want = run.cpu_devices("lenet5")
+    want = devices.cpu_devices("lenet5")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert seen["code"] == 0 and seen["devices"] == want and seen["split"] == want
     assert seen["same"] and seen["odd"]
@@ -113,7 +113,7 @@ def test_one_device_leaves_batches_unsplit():
     data = load_dataset(None)
     for model in ("lenet300", "lenet5"):  # this process has JAX's one CPU device (conftest.py)
         config = dataclasses.replace(DEMO, model=model)
-        assert run.batch_sharding(config, data) is None
-        assert run.training_devices(config, data) == 1
-    assert run.cpu_devices("lenet300") == 1
-    assert 1 <= run.cpu_devices("lenet5") <= 2
+        assert devices.batch_sharding(config, data) is None
+        assert devices.training_devices(config, data) == 1
+    assert devices.cpu_devices("lenet300") == 1
+    assert 1 <= devices.cpu_devices("lenet5") <= 2

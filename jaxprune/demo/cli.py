@@ -30,7 +30,7 @@ from rich.progress import (
 )
 
 from jaxprune.analysis import accuracy
-from jaxprune.demo import checkpoints, recipes, report, run
+from jaxprune.demo import checkpoints, devices, recipes, report, run
 from jaxprune.demo.checkpoints import CheckpointError, Checkpoints, OutLock
 from jaxprune.demo.data import DataError, load_dataset
 from jaxprune.demo.models import count_params
@@ -295,8 +295,8 @@ def _pipeline(args: argparse.Namespace, console: Console) -> int:
 
 def _stages(args, config: Config, data: Any, ckpt: Checkpoints, console: Console, started) -> int:
     out = ckpt.out
-    devices = run.training_devices(config, data)
-    split = f"; each batch split over {devices} devices" if devices > 1 else ""
+    split_over = devices.training_devices(config, data)
+    split = f"; each batch split over {split_over} devices" if split_over > 1 else ""
     console.print(
         f"[bold]{config.model}[/] on {data.name}: {len(data.x_train):,} train / "
         f"{len(data.x_test):,} test images of {data.x_train.shape[1:]}{split}; output in {out}"
@@ -313,7 +313,7 @@ def _stages(args, config: Config, data: Any, ckpt: Checkpoints, console: Console
         "config": dataclasses.asdict(config),
         "run_sha256": ckpt.run_hash,
         "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
-        "training_devices": run.training_devices(config, data),
+        "training_devices": devices.training_devices(config, data),
         "dense_error": base_error,
         "pruned_error": 1.0 - state.history[-1].metric,
         "weights": summary.total,
@@ -376,13 +376,13 @@ def _sensitivity_command(args: argparse.Namespace, console: Console) -> int:
 
 
 def _ask_for_devices(model: str) -> None:
-    """Asks JAX for the CPU devices ``model``'s data-parallel steps use (:func:`run.cpu_devices`).
+    """Asks JAX for the CPU devices ``model``'s data-parallel steps use (``devices.cpu_devices``).
 
     Only before JAX's first operation in this process, and only where the user has not chosen a
     count (``jax_num_cpu_devices``, or ``--xla_force_host_platform_device_count`` in
     ``XLA_FLAGS``): later runs in one process keep the devices the first one had.
     """
-    n = run.cpu_devices(model)
+    n = devices.cpu_devices(model)
     chosen = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
     if n == 1 or chosen or jax.config.values["jax_num_cpu_devices"] != -1:
         return

@@ -15,7 +15,7 @@ Choices shared by every model here:
   values and gradients as ``lax.conv_general_dilated``, each computed as one matmul of the
   input's patches, which made the CPU training step 0.86-0.87x the plain one
   (``benchmarks/train_step.py``); its max-pool has a written-out gradient for the same reason.
-  The demo trains it with each batch split over 2 CPU devices (``run.DATA_PARALLEL``).
+  The demo trains it with each batch split over 2 CPU devices (``devices.DATA_PARALLEL``).
 """
 
 import functools

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -21,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxprune.analysis import accuracy
+from jaxprune.demo import devices
 from jaxprune.demo.data import Dataset, batches
 from jaxprune.demo.models import LeNet5, LeNet300100, dense_layer_names
 from jaxprune.demo.recipes import Config, ConfigError
@@ -111,67 +110,14 @@ def _make_eval(model_name: str, digits: bool) -> Callable[[PyTree, np.ndarray], 
     return apply_fn
 
 
-# Devices each model's training batches are split over (data parallel; XLA sums the gradients).
-# XLA runs most of a step's ops on one thread, so on 2 CPU cores a dense LeNet-5 epoch split over
-# 2 CPU devices took 0.77x its time on one (15.0 s against 19.5 s; ``benchmarks/train_step.py``
-# times the step); LeNet-300-100's step is too small to gain (1.2x slower split). The command
-# line asks JAX for the devices (:func:`cpu_devices`).
-DATA_PARALLEL = {"lenet5": 2}
-
-
-def batch_sharding(config: Config, data: Dataset) -> NamedSharding | None:
-    """How :func:`epoch_batches` places a batch: split over :data:`DATA_PARALLEL` devices.
-
-    ``None`` (one device, JAX's default) for models not listed, off the CPU (the split was
-    measured on CPU cores only), where JAX has fewer local devices than listed, or where they do
-    not divide the batch.
-    """
-    n = DATA_PARALLEL.get(config.model, 1)
-    devices = jax.local_devices()
-    if n == 1 or devices[0].platform != "cpu" or len(devices) < n:
-        return None
-    if min(config.batch_size, len(data.x_train)) % n:
-        return None
-    return NamedSharding(Mesh(np.array(devices[:n]), ("batch",)), PartitionSpec("batch"))
-
-
-def training_devices(config: Config, data: Dataset) -> int:
-    """How many devices each training batch is split over (1: not split)."""
-    sharding = batch_sharding(config, data)
-    return 1 if sharding is None else sharding.num_devices
-
-
-def cpu_devices(model: str) -> int:
-    """The CPU devices to ask JAX for (``jax_num_cpu_devices``) before a run of ``model``.
-
-    :data:`DATA_PARALLEL`'s count, capped at the cores this process may use.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(DATA_PARALLEL.get(model, 1), cores))
-
-
-def on_one_device(tree: Any) -> Any:
-    """``tree`` with every array held by several devices (a data-parallel step's params and
-    state, replicated) copied back to JAX's default device, uncommitted as before the split."""
-
-    def one(x):
-        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-            return jnp.asarray(np.asarray(x))
-        return x
-
-    return jax.tree.map(one, tree)
-
-
 def epoch_batches(config: Config, data: Dataset, offset: int) -> Callable[[int], Iterator]:
     """``batches(epoch)`` with its own seed stream: dense training and rounds never share one.
 
-    The batches are placed by :func:`batch_sharding`: the same examples in the same order either
-    way (and the same dropout draws), so a split step differs from one device's by rounding only.
+    The batches are placed by :func:`devices.batch_sharding`: the same examples in the same order
+    either way (and the same dropout draws), so a split step differs from one device's by
+    rounding only.
     """
-    sharding = batch_sharding(config, data)
+    sharding = devices.batch_sharding(config, data)
 
     def it(epoch: int) -> Iterator:
         stream = batches(
@@ -216,7 +162,7 @@ def train_dense(
             losses.append(metrics["loss"])
         if on_epoch is not None:
             on_epoch(epoch, float(jnp.mean(jnp.stack(losses))))
-    return on_one_device(state.params)
+    return devices.on_one_device(state.params)
 
 
 def retrain_optimizer(config: Config, data: Dataset) -> optax.GradientTransformation:
@@ -262,7 +208,7 @@ def rounds(
         prune_and_retrain,
         loss_fn=make_loss(config),
         batches=epoch_batches(config, data, offset=config.epochs),
-        evaluate=lambda p: accuracy(apply_fn, on_one_device(p), data.x_test, data.y_test),
+        evaluate=lambda p: accuracy(apply_fn, devices.on_one_device(p), data.x_test, data.y_test),
         rounds=config.rounds,
         optimizer=retrain_optimizer(config, data),
         epochs=config.retrain_epochs,
@@ -273,7 +219,7 @@ def rounds(
     )
 
     def driver(params: PyTree, resume: RoundsState | None) -> Iterator[RoundsState]:
-        return map(on_one_device, run_rounds(params, resume=resume))
+        return map(devices.on_one_device, run_rounds(params, resume=resume))
 
     if config.ranking == "magnitude":
         yield from driver(params, resume=resume)
