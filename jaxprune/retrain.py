@@ -129,8 +129,8 @@ def make_retrain_step(
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
     Returns:
-      The step, which calls the jitted function (its ``.jitted``; ``metrics`` holds ``'loss'``
-      and the entries of ``aux``). The input state is not donated or modified. A step whose
+      The step (the jitted function is its ``.jitted``); ``metrics`` holds ``'loss'`` and the
+      entries of ``aux``. The input state is not donated or modified. A step whose
       state is spread over several CPU devices returns once it has run: XLA's CPU all-reduce
       can deadlock with two data-parallel steps in flight. Everywhere else it returns at once,
       as JAX's asynchronous dispatch does.

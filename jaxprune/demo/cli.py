@@ -313,7 +313,7 @@ def _stages(args, config: Config, data: Any, ckpt: Checkpoints, console: Console
         "config": dataclasses.asdict(config),
         "run_sha256": ckpt.run_hash,
         "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
-        "training_devices": devices.training_devices(config, data),
+        "training_devices": split_over,
         "dense_error": base_error,
         "pruned_error": 1.0 - state.history[-1].metric,
         "weights": summary.total,

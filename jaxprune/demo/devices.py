@@ -21,8 +21,8 @@ from jaxprune.demo.recipes import Config
 # Devices each model's training batches are split over (data parallel; XLA sums the gradients).
 # XLA runs most of a step's ops on one thread, so on 2 CPU cores a dense LeNet-5 epoch split over
 # 2 CPU devices took 0.77x its time on one (15.0 s against 19.5 s; ``benchmarks/train_step.py``
-# times the step); LeNet-300-100's step is too small to gain (1.2x slower split). The command
-# line asks JAX for the devices (:func:`cpu_devices`).
+# times the step); LeNet-300-100's step is too small to gain (1.1-1.2x slower split, three
+# runs). The command line asks JAX for the devices (:func:`cpu_devices`).
 DATA_PARALLEL = {"lenet5": 2}
 
 
