@@ -205,7 +205,7 @@ RECIPES = {
         rounds=9,
         q=(1.0, 1.6, 2.0, 2.3, 2.5, 2.6, 2.7, 2.9, 3.1),
         q_scale=(("conv1", 0.3), ("conv2", 0.6), ("fc2", 0.6)),
-        retrain_epochs=6,
+        retrain_epochs=4,
         retrain_learning_rate_scale=0.2,
     ),
 }
