@@ -21,6 +21,9 @@ the means support: the fewest weights whose mean error is within 0.1 pt of the m
 Each Han run checkpoints in ``OUT/MODEL/seedS``; ``--resume`` continues it and reuses finished
 baselines (``random.json``, ``global.json`` beside it), otherwise they are redone from scratch
 (``--overwrite``). ``--json`` writes the aggregated figures, ``--markdown`` prints README rows.
+Each seed's wall time and the others' load meanwhile are kept in ``timing.json`` beside its runs
+and added up over invocations, so a ``--resume`` pass that only aggregates does not stand for
+the runs it found finished.
 """
 
 from __future__ import annotations
@@ -128,11 +131,38 @@ def baseline_run(han_out: Path, results: dict, kind: str, resume: bool) -> list[
     return history
 
 
-def seed_run(model: str, seed: int, args: argparse.Namespace, console: Console) -> dict:
-    """Han's run and both baselines for one seed: errors and kept fractions per round."""
-    out = args.out / model / f"seed{seed}"
+def timing_log(out: Path, resume: bool) -> dict:
+    """The seed's record of its runs' wall times and load, kept in ``OUT/timing.json``.
+
+    Every invocation that runs (or resumes, or only finds finished) a seed's work adds its
+    seconds, so a seed's time is what its runs took over all invocations, not the last pass.
+    Runs made before the file existed were not timed: ``untimed_before`` says so. A run killed
+    before it finished is not counted (its resumed rest is).
+    """
+    path = out / "timing.json"
+    if resume and path.exists():
+        return json.loads(path.read_text())
+    earlier = resume and out.is_dir() and any(out.iterdir())
+    return {"untimed_before": earlier, "runs": []}
+
+
+def timed(out: Path, log: dict, kind: str, fn, *args):
+    """``fn(*args)``, its wall time and the others' load appended to the seed's timing log."""
     start = time.perf_counter()
-    results = han_run(model, seed, out, args)
+    with Load() as load:
+        result = fn(*args)
+    log["runs"].append(
+        {"kind": kind, "seconds": time.perf_counter() - start, "other_busy_cores": load.cores}
+    )
+    checkpoints.write_json(out / "timing.json", log)
+    return result
+
+
+def seed_run(model: str, seed: int, args: argparse.Namespace, console: Console) -> dict:
+    """Han's run and both baselines for one seed: errors, kept fractions, time and load."""
+    out = args.out / model / f"seed{seed}"
+    log = timing_log(out, args.resume)
+    results = timed(out, log, "han", han_run, model, seed, out, args)
     record = {
         "seed": seed,
         "data": results["data"]["name"],
@@ -144,11 +174,15 @@ def seed_run(model: str, seed: int, args: argparse.Namespace, console: Console) 
             history = results["history"]
         else:
             with console.status(f"{model} seed {seed}: {kind} baseline"):
-                history = baseline_run(out, results, kind, args.resume)
+                history = timed(out, log, kind, baseline_run, out, results, kind, args.resume)
         record[kind] = [
             {"kept_fraction": h["kept_fraction"], "error": 1.0 - h["accuracy"]} for h in history
         ]
-    record["seconds"] = time.perf_counter() - start
+    seconds = sum(r["seconds"] for r in log["runs"])
+    busy = sum(r["seconds"] * r["other_busy_cores"] for r in log["runs"])
+    timed_here = not log["untimed_before"]
+    record["seconds"] = seconds if timed_here else None
+    record["other_busy_cores"] = busy / seconds if timed_here and seconds > 0 else None
     return record
 
 
@@ -162,6 +196,7 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 def aggregate(model: str, records: list[dict]) -> dict:
     """Mean +- std over seeds of the dense error, each round's errors and kept fractions."""
     rounds = len(records[0]["han"])
+    timed = [r["seconds"] for r in records if r.get("seconds") is not None]
     summary: dict[str, Any] = {
         "model": model,
         "data": records[0]["data"],
@@ -173,7 +208,9 @@ def aggregate(model: str, records: list[dict]) -> dict:
             layer: mean_std([r["kept_fraction_per_layer"][layer] for r in records])
             for layer in records[0]["kept_fraction_per_layer"]
         },
-        "seconds": mean_std([r["seconds"] for r in records]),
+        "seconds": mean_std(timed) if timed else None,
+        "timed_seeds": len(timed),
+        "other_busy_cores": other_load(records),
     }
     for k in range(rounds):
         row = {"round": k + 1}
@@ -185,6 +222,15 @@ def aggregate(model: str, records: list[dict]) -> dict:
         summary["rounds"].append(row)
     summary["fewest_within"] = {kind: fewest_within(summary, kind) for kind in METHODS}
     return summary
+
+
+def other_load(records: list[dict]) -> float | None:
+    """Others' busy cores while the timed seeds' runs ran, weighted by their seconds."""
+    timed = [r for r in records if r.get("other_busy_cores") is not None]
+    seconds = sum(r["seconds"] for r in timed)
+    if not seconds:
+        return None
+    return sum(r["seconds"] * r["other_busy_cores"] for r in timed) / seconds
 
 
 def fewest_within(summary: dict, kind: str, points: float = WITHIN) -> dict | None:
@@ -251,8 +297,16 @@ def table(summary: dict) -> Table:
             "",
             "-" if paper_kept is None else f"{100 * paper_kept:.0f}%",
         )
-    table.add_row("wall time per seed", f"{summary['seconds']['mean'] / 60:.1f} min")
+    table.add_row("wall time per seed", minutes(summary))
     return table
+
+
+def minutes(summary: dict) -> str:
+    """The mean wall time of the seeds whose runs were timed, or why there is none."""
+    if not summary.get("seconds"):
+        return "not recorded (runs made before timing.json was kept)"
+    n, of = summary.get("timed_seeds", len(summary["seeds"])), len(summary["seeds"])
+    return f"{summary['seconds']['mean'] / 60:.1f} min" + ("" if n == of else f" ({n} of {of})")
 
 
 def markdown(summary: dict) -> str:
@@ -302,11 +356,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     models = ["lenet300", "lenet5"] if args.model == "both" else [args.model]
     summaries = {}
     for model in models:
-        with Load() as load:
-            records = [seed_run(model, s, args, console) for s in range(args.seeds)]
+        records = [seed_run(model, s, args, console) for s in range(args.seeds)]
         summaries[model] = aggregate(model, records)
         summaries[model]["per_seed"] = records
-        summaries[model]["other_busy_cores"] = load.cores
     show(summaries, console, markdown_rows=args.markdown)
     path = args.json or args.out / "summary.json"
     checkpoints.write_json(path, summaries)
@@ -318,8 +370,11 @@ def show(summaries: dict[str, dict], console: Console, *, markdown_rows: bool) -
     """Prints each model's table, the load, the baselines' claims and, if asked, README rows."""
     for summary in summaries.values():
         console.print(table(summary))
+        load = summary.get("other_busy_cores")
         console.print(
-            f"other processes kept {summary['other_busy_cores']:.2f} cores busy on average"
+            "others' load while the runs ran: not recorded"
+            if load is None
+            else f"other processes kept {load:.2f} cores busy on average while the runs ran"
         )
         for kind in ("random", "global"):
             console.print(f"  {kind}: {claim(summary, kind)}")

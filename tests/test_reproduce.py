@@ -45,6 +45,14 @@ def test_quick_two_seeds(bench, tmp_path, capsys):
     assert len(rows) == 2 and all(line.count("±") == 4 for line in rows)
     assert json.loads(out.read_text())["lenet300"]["rounds"] == summary["rounds"]
 
+    # each seed's time is its runs', kept beside them: a --resume pass adds its own to it
+    first = [r["seconds"] for r in summary["per_seed"]]
+    assert all(s > 0 for s in first) and summary["timed_seeds"] == 2
+    resumed = bench.main([*argv, "--resume"])["lenet300"]
+    assert resumed["rounds"] == summary["rounds"]
+    assert all(r["seconds"] > s for r, s in zip(resumed["per_seed"], first, strict=True))
+    capsys.readouterr()
+
     # --report reprints from the JSON without running anything
     again = bench.main(["--report", str(out), "--markdown"])
     assert again["lenet300"]["fewest_within"] == summary["fewest_within"]
@@ -92,3 +100,21 @@ def test_random_masks_draw_survivors_of_the_asked_size(bench):
     assert int(second["fc1"]["kernel"].sum()) == 3  # 32 - round(0.9 * 32)
     again = run.random_masks(config, params, None, 0)  # seeded: the same draw again
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, first, again)))
+
+
+def test_timing_log_says_when_earlier_runs_were_not_timed(bench, tmp_path):
+    out = tmp_path / "seed0"
+    assert bench.timing_log(out, resume=True) == {"untimed_before": False, "runs": []}
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # a run made before timing.json was kept
+    assert bench.timing_log(out, resume=True)["untimed_before"] is True
+    assert bench.timing_log(out, resume=False)["untimed_before"] is False  # --overwrite redoes it
+    log = bench.timing_log(out, resume=False)
+    assert bench.timed(out, log, "han", lambda: 42) == 42
+    again = bench.timing_log(out, resume=True)
+    assert again["untimed_before"] is False and [r["kind"] for r in again["runs"]] == ["han"]
+    record = {"seed": 0, "seconds": None, "other_busy_cores": None}
+    assert bench.other_load([record]) is None
+    assert bench.other_load(
+        [{"seconds": 3.0, "other_busy_cores": 0.5}, {"seconds": 1.0, "other_busy_cores": 0.1}]
+    ) == pytest.approx(0.4)
