@@ -18,7 +18,9 @@ quiet runs on a later day: one device 2.2x / 2.8x (layer) and 2.4x / 2.2x (globa
 3.3x / 3.3x and 2.6x / 2.5x; that day the first runs' code read 2.7x / 2.3x, so the machine
 moved, not the code. The issue's goal, 2x, held for global scope on one device on the first
 day only. Under jit, masks plus XLA's
-temporaries came to 1.10 (layer) and 1.50 (global) bytes per parameter.
+temporaries came to 1.10 (layer) and 1.50 (global) bytes per parameter. With the final pass comparing each key
+once, three quiet runs on a third day read 2.0x / 2.0x / 2.1x (layer) and 1.4x / 2.4x / 1.8x
+(global) on one device, 3.3-3.7x and 2.7-2.9x split.
 
     python benchmarks/masks.py            # 24 matrices of 2048x2048 (about 100M float32)
     python benchmarks/masks.py --quick    # 4 matrices of 512x512; the table at 65K and 1M
