@@ -178,11 +178,9 @@ def seed_run(model: str, seed: int, args: argparse.Namespace, console: Console) 
         record[kind] = [
             {"kept_fraction": h["kept_fraction"], "error": 1.0 - h["accuracy"]} for h in history
         ]
-    seconds = sum(r["seconds"] for r in log["runs"])
-    busy = sum(r["seconds"] * r["other_busy_cores"] for r in log["runs"])
     timed_here = not log["untimed_before"]
-    record["seconds"] = seconds if timed_here else None
-    record["other_busy_cores"] = busy / seconds if timed_here and seconds > 0 else None
+    record["seconds"] = sum(r["seconds"] for r in log["runs"]) if timed_here else None
+    record["other_busy_cores"] = other_load(log["runs"]) if timed_here else None
     return record
 
 
@@ -225,7 +223,7 @@ def aggregate(model: str, records: list[dict]) -> dict:
 
 
 def other_load(records: list[dict]) -> float | None:
-    """Others' busy cores while the timed seeds' runs ran, weighted by their seconds."""
+    """Others' busy cores while the timed runs (or seeds) ran, weighted by their seconds."""
     timed = [r for r in records if r.get("other_busy_cores") is not None]
     seconds = sum(r["seconds"] for r in timed)
     if not seconds:
