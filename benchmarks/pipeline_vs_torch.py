@@ -5,8 +5,10 @@ dense SGD (momentum 0.9, coupled L2 ``WEIGHT_DECAY``, constant learning rate), t
 rounds of Han's rule (in each layer keep ``|w| >= q * std(w)``, the std over the whole layer with
 pruned entries as zeros; pruned stays pruned) each followed by retraining at 1/10 of the rate.
 
-- jaxprune: what a user writes with the public API: the demo's ``LeNet300100``, an optax dense
-  loop, then :func:`jaxprune.prune_and_retrain` (``compute_masks`` + ``keep_pruned`` each round).
+- jaxprune: what a user writes with the public API: the demo's ``LeNet300100``, the training set
+  as a :class:`jaxprune.ArrayBatches` (on the device, shuffled there), dense epochs with
+  ``make_retrain_step(...).epoch`` (one compiled loop an epoch), then
+  :func:`jaxprune.prune_and_retrain` (``compute_masks`` + ``keep_pruned`` each round).
 - torch: ``torch.nn.utils.prune.custom_from_mask`` with the same rule (the peer a PyTorch user
   would pick), ``torch.optim.SGD(weight_decay=...)``.
 
@@ -26,6 +28,7 @@ machine (the load column says whether it was).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -61,14 +64,17 @@ def _jaxprune_side(schedule: dict, data_dir: str | None) -> dict:
 
     import jaxprune
     from jaxprune.analysis import accuracy
-    from jaxprune.demo.data import batches
     from jaxprune.demo.models import LeNet300100
 
     data = _data(data_dir)
     start = time.perf_counter()
     model = LeNet300100()
-    params = model.init(jax.random.key(0), data.x_train[:1])["params"]
-    bs = schedule["batch_size"]
+    params = jax.jit(model.init)(jax.random.key(0), data.x_train[:1])["params"]  # one compile
+    # The training set on the device, each epoch's shuffled batches drawn there: one compiled
+    # loop per epoch, as torch's side indexes its tensors in place.
+    train = jaxprune.ArrayBatches(
+        (data.x_train, data.y_train), batch_size=schedule["batch_size"], seed=0
+    )
 
     def loss_fn(params, batch, rng):
         del rng  # no dropout
@@ -82,24 +88,12 @@ def _jaxprune_side(schedule: dict, data_dir: str | None) -> dict:
             optax.sgd(learning_rate, momentum=0.9),
         )
 
-    def epoch(e):
-        return batches(
-            data.x_train, data.y_train, batch_size=bs, seed=0, epoch=e, drop_remainder=True
-        )
-
     tx = sgd(schedule["learning_rate"])
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        grads = jax.grad(loss_fn)(params, batch, None)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    opt_state = tx.init(params)
+    step = jaxprune.make_retrain_step(loss_fn, tx)
+    state = jaxprune.retrain_state(params, tx, rng=jax.random.key(0))
     for e in range(schedule["epochs"]):
-        for batch in epoch(e):
-            params, opt_state = step(params, opt_state, batch)
-    jax.block_until_ready(params)
+        state, _ = step.epoch(state, train, e)
+    params = jax.block_until_ready(state.params)
     dense_s = time.perf_counter() - start
 
     def logits(p, x):
@@ -113,7 +107,7 @@ def _jaxprune_side(schedule: dict, data_dir: str | None) -> dict:
     *_, last = jaxprune.prune_and_retrain(
         params,
         loss_fn,
-        lambda e: epoch(1000 + e),
+        dataclasses.replace(train, seed=1),  # its own shuffles
         error,
         rounds=schedule["rounds"],
         optimizer=sgd(schedule["learning_rate"] / 10),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from jaxprune._tree import default_where, excluding, paths_matching, weights_named
     from jaxprune.batch_stats import reestimate_batch_stats
+    from jaxprune.batches import ArrayBatches
     from jaxprune.masks import (
         LayerSummary,
         Summary,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "jaxprune._tree": ("default_where", "excluding", "paths_matching", "weights_named"),
     "jaxprune.batch_stats": ("reestimate_batch_stats",),
+    "jaxprune.batches": ("ArrayBatches",),
     "jaxprune.masks": (
         "LayerSummary",
         "Summary",
@@ -94,6 +96,7 @@ _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "FORMAT_VERSION",
+    "ArrayBatches",
     "FileFormatError",
     "KeepPrunedState",
     "LayerShrink",

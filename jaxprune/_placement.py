@@ -54,14 +54,21 @@ def placed_like_params(masks: PyTree, params: PyTree) -> PyTree:
     return jax.tree.map(place, masks, params)
 
 
+@jax.jit
+def _nonfinite_pruned(mask: jax.Array, leaf: jax.Array) -> jax.Array:
+    # One compiled function per shape (eagerly, each of the four ops would compile on its own).
+    return jnp.any(~mask & ~jnp.isfinite(leaf))
+
+
 def check_pruned_finite(masks: PyTree, params: PyTree) -> None:
     # keep_pruned zeroes a pruned weight w with the update -w; for w = inf that gives NaN.
-    for (path, m), p in zip(leaves_with_paths(masks), jax.tree.leaves(params), strict=True):
-        if m is True or not is_inexact_array(p) or is_traced(p):
-            continue
-        if is_traced(m):
-            continue
-        if jax.device_get(jnp.any(~m & ~jnp.isfinite(p))):
+    checked = {
+        path: _nonfinite_pruned(m, p)
+        for (path, m), p in zip(leaves_with_paths(masks), jax.tree.leaves(params), strict=True)
+        if m is not True and is_inexact_array(p) and not is_traced(p) and not is_traced(m)
+    }
+    for path, bad in zip(checked, jax.device_get(list(checked.values())), strict=True):
+        if bad:  # all leaves fetched at once, the first bad one in flattening order named
             raise ValueError(
                 f"params[{path!r}] has NaN or inf at pruned positions; keep_pruned sends a pruned "
                 "weight w to zero with the update -w, and inf - inf is NaN. Zero the pruned "
@@ -75,7 +82,7 @@ def is_inexact_array(x: Any) -> bool:
 
 def regrown(old: PyTree, new: PyTree) -> list[tuple[str, int]]:
     """Lists ``(path, count)`` of connections pruned in ``old`` but kept in ``new``."""
-    found = []
+    counts = {}
     for (path, o), n in zip(leaves_with_paths(old), jax.tree.leaves(new), strict=True):
         if not is_array(o):
             continue
@@ -84,11 +91,15 @@ def regrown(old: PyTree, new: PyTree) -> list[tuple[str, int]]:
                 "update_masks checks that new_masks only prune further, which needs concrete "
                 "masks; call it outside jax.jit, or pass allow_regrow=True to skip the check."
             )
-        # A sharded reduction and an explicit fetch of its scalar: no mask is gathered.
-        count = int(jax.device_get(jnp.sum(jnp.asarray(n) & ~jnp.asarray(o), dtype=jnp.int32)))
-        if count:
-            found.append((path, count))
-    return found
+        counts[path] = _regrown_count(n, o)
+    # Sharded reductions and one fetch of their scalars: no mask is gathered.
+    fetched = jax.device_get(list(counts.values()))
+    return [(path, int(c)) for path, c in zip(counts, fetched, strict=True) if c]
+
+
+@jax.jit
+def _regrown_count(new: jax.Array, old: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.asarray(new, bool) & ~jnp.asarray(old, bool), dtype=jnp.int32)
 
 
 def placed_like(new: Any, old: Any) -> Any:

@@ -16,6 +16,7 @@ sharded.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Mapping
 from typing import Any
@@ -303,6 +304,22 @@ def nm_pattern(
     return None if best is None else (best[2], best[1])
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _group_maxima(mask: jax.Array, axis: int, stack: int | None) -> dict[int, jax.Array]:
+    """For each half-dense ``m`` dividing the axis: the most kept per group of ``m`` (per slice).
+
+    One compiled function per shape: eagerly, each reduction would compile on its own.
+    """
+    maxima = {}
+    for m in HALF_DENSE_M:
+        if mask.shape[axis] % m or mask.size == 0:
+            continue
+        groups = mask.reshape(_group_shape(mask.shape, axis, m))
+        sums = jnp.sum(groups, axis=axis + 1, dtype=jnp.int32)
+        maxima[m] = jnp.max(sums, axis=tuple(d for d in range(sums.ndim) if d != stack))
+    return maxima
+
+
 def slice_patterns(mask: Any, axis: int, stack: int | None = None) -> list[tuple[int, int] | None]:
     """The half-dense N:M pattern (1:2, 2:4 or 4:8) ``mask`` satisfies along ``axis``, or None.
 
@@ -316,15 +333,9 @@ def slice_patterns(mask: Any, axis: int, stack: int | None = None) -> list[tuple
     [(2, 4)]
     """
     mask = jnp.asarray(mask, dtype=bool)
-    maxima = {}
-    for m in HALF_DENSE_M:
-        if mask.shape[axis] % m or mask.size == 0:
-            continue
-        groups = mask.reshape(_group_shape(mask.shape, axis, m))
-        sums = jnp.sum(groups, axis=axis + 1, dtype=jnp.int32)
-        maxima[m] = jnp.max(sums, axis=tuple(d for d in range(sums.ndim) if d != stack))
     n_slices = 1 if stack is None else mask.shape[stack]
-    fetched = {m: np.broadcast_to(n, (n_slices,)) for m, n in jax.device_get(maxima).items()}
+    maxima = jax.device_get(_group_maxima(mask, axis, stack))
+    fetched = {m: np.broadcast_to(n, (n_slices,)) for m, n in maxima.items()}
     return [
         next(((m // 2, m) for m, n in fetched.items() if 0 < n[i] <= m // 2), None)
         for i in range(n_slices)

@@ -32,6 +32,7 @@ from jaxprune._tree import (
     last_key,
     leaves_with_paths,
 )
+from jaxprune.batches import ArrayBatches, epoch_rows, take
 
 Batch = Any
 LossFn = Callable[..., Any]
@@ -135,6 +136,12 @@ def make_retrain_step(
       can deadlock with two data-parallel steps in flight. Everywhere else it returns at once,
       as JAX's asynchronous dispatch does.
 
+      ``step.epoch(state, batches, epoch) -> (state, metrics)`` runs epoch ``epoch`` of an
+      :class:`jaxprune.ArrayBatches` as one compiled loop (``lax.scan``): the same steps on the
+      same batches as ``for batch in batches(epoch): state, _ = step(state, batch)``, with no
+      host work between them; each entry of ``metrics`` is stacked over the epoch's steps. It
+      compiles once per data shape and batch size, not per epoch.
+
     Raises:
       ValueError: (at the first call) if, with a model state, ``loss_fn`` returns another shape
         of result, or a new state whose leaves, shapes or dtypes differ from the old one.
@@ -146,6 +153,10 @@ def make_retrain_step(
     >>> state, metrics = step(state, jnp.ones((4, 2)))
     >>> float(metrics['loss']), state.params['w'].ravel().tolist()
     (4.0, [0.6000000238418579, 0.6000000238418579])
+    >>> data = ArrayBatches(jnp.ones((12, 2)), batch_size=4)
+    >>> state, metrics = step.epoch(state, data, 0)  # three steps, one call
+    >>> int(state.step), metrics['loss'].shape
+    (4, (3,))
     """
 
     def step(state: RetrainState, batch: Batch) -> tuple[RetrainState, dict[str, jax.Array]]:
@@ -169,14 +180,34 @@ def make_retrain_step(
 
     jitted = jax.jit(step)
 
-    @functools.wraps(step)
-    def run(state: RetrainState, batch: Batch) -> tuple[RetrainState, dict[str, jax.Array]]:
-        out = jitted(state, batch)
+    @functools.partial(jax.jit, static_argnames="batch_size")
+    def scanned(state, data, key, epoch, batch_size):
+        size = jax.tree.leaves(data)[0].shape[0]
+        rows = epoch_rows(key, epoch, size=size, batch_size=batch_size)
+        return jax.lax.scan(lambda s, row: step(s, take(data, row)), state, rows)
+
+    def waited(out):
         if _on_cpu_devices(out[0].step):
             jax.block_until_ready(out)
         return out
 
+    @functools.wraps(step)
+    def run(state: RetrainState, batch: Batch) -> tuple[RetrainState, dict[str, jax.Array]]:
+        return waited(jitted(state, batch))
+
+    def epoch(
+        state: RetrainState, batches: ArrayBatches, epoch: int
+    ) -> tuple[RetrainState, dict[str, jax.Array]]:
+        if not isinstance(batches, ArrayBatches):
+            raise TypeError(
+                f"step.epoch takes a jaxprune.ArrayBatches, got {type(batches).__name__}; for "
+                "other batches, call the step once per batch."
+            )
+        index = jnp.asarray(epoch, jnp.int32)
+        return waited(scanned(state, batches.data, batches.key, index, batches.batch_size))
+
     run.jitted = jitted  # type: ignore[attr-defined]
+    run.epoch = epoch  # type: ignore[attr-defined]
     return run
 
 

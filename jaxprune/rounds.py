@@ -20,6 +20,7 @@ import optax
 from jaxprune import batch_stats
 from jaxprune._options import check_count
 from jaxprune._tree import PyTree, Stacked, Where
+from jaxprune.batches import ArrayBatches
 from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
 from jaxprune.nm import AxisSpec, check_pattern, nm_masks
 from jaxprune.retrain import (
@@ -126,6 +127,24 @@ def _check_driver_args(
     check_count(epochs, name="epochs")
 
 
+def _epoch(step, state: RetrainState, batches, index: int) -> tuple[RetrainState, Any]:
+    """One epoch of steps: the state after it and the per-step losses (still on the device).
+
+    An :class:`ArrayBatches` runs as one compiled loop; other batches one step per batch, the
+    losses fetched once per epoch, so no step waits for the host.
+    """
+    if isinstance(batches, ArrayBatches):
+        state, metrics = step.epoch(state, batches, index)
+        return state, metrics["loss"]
+    losses = []
+    for batch in batches(index):
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+    if not losses:
+        raise ValueError(f"batches({index}) yielded no batch.")
+    return state, losses
+
+
 def prune_and_retrain(
     params: PyTree,
     loss_fn: LossFn,
@@ -176,7 +195,9 @@ def prune_and_retrain(
       loss_fn: the loss, as above. ``dropout_rates`` is a dict of Python floats keyed like
         ``dropout``, to build the Linen module or set the NNX rates (the loss from
         :func:`jaxprune.nnx_loss` takes it as is).
-      batches: ``batches(epoch) -> iterable of batches``; the driver loads no data itself.
+      batches: ``batches(epoch) -> iterable of batches``; the driver loads no data itself. An
+        :class:`jaxprune.ArrayBatches` (the data set on the device) runs each epoch as one
+        compiled loop, with the same batches and steps as iterating it.
       evaluate: ``evaluate(params) -> metric`` (e.g. test accuracy), called after each round.
       rounds: the number of prune -> retrain rounds.
       optimizer: the retraining ``GradientTransformation`` (its own learning rate and schedule,
@@ -301,12 +322,7 @@ def prune_and_retrain(
         state = RetrainState(params, opt_state, rng, jnp.int32(0), model_state)
         total_loss, total_steps = 0.0, 0
         for e in range(epochs):
-            losses = []  # fetched once per epoch: no extra dispatch per step
-            for batch in batches(r * epochs + e):
-                state, metrics = step(state, batch)
-                losses.append(metrics["loss"])
-            if not losses:
-                raise ValueError(f"batches({r * epochs + e}) yielded no batch.")
+            state, losses = _epoch(step, state, batches, r * epochs + e)
             epoch_loss = float(np.sum(jax.device_get(losses)))
             total_loss, total_steps = total_loss + epoch_loss, total_steps + len(losses)
             if on_epoch is not None:

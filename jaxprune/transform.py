@@ -310,7 +310,7 @@ def keep_pruned(
     def init_fn(params: optax.Params) -> KeepPrunedState:
         placed = placed_like_params(masks, pure(params))
         check_pruned_finite(placed, pure(params))
-        n = len(_stray_flags(placed, pure(params)))
+        n = sum(m is not True for m in jax.tree.leaves(placed))  # one flag per array mask
         countdown = jnp.asarray(2, jnp.int32)
         return KeepPrunedState(placed, inner.init(params), countdown, jnp.zeros(n, bool))
 
