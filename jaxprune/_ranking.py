@@ -191,13 +191,15 @@ def _start(
     n: int,
     target: jax.Array,
     count_pair,
+    count_first=None,
 ) -> _Bracket:
     """``b`` (the whole key range) narrowed where ``n`` is large, keeping its invariant.
 
     First by one counting pass at two keys of a strided sample, a few standard deviations of its
     rank either side of the target quantile (about 12 fewer bisection passes on smooth data,
     none lost when the sample misleads), then by two interpolation passes (about 4 fewer
-    bisection passes again on 2**20 weights).
+    bisection passes again on 2**20 weights). ``count_first`` (default ``count_pair``) counts
+    in the first pass, so it can count more there.
     """
     if n < _SAMPLE_FROM:
         return b
@@ -210,7 +212,7 @@ def _start(
     ac = _sample_keys_at(sample, at, jnp.maximum(margin, 4.0).reshape(-1, 1) / 4)
     ac = ac.reshape(*target.shape, 2)
     # a <= c (ranks in order), both in the whole range: the bracket's ends are never hit.
-    b = _narrowed(b, ac[..., 0], ac[..., 1], count_pair, target)
+    b = _narrowed(b, ac[..., 0], ac[..., 1], count_first or count_pair, target)
     for _ in range(2):
         b = _interpolated(b, count_pair, target)
     return b
@@ -239,8 +241,13 @@ def _ranked_keep(
     axes: tuple[int | None, ...],
     n_pruned: jax.Array,
     placements: tuple[Placement, ...] | None = None,
-) -> tuple[jax.Array, ...]:
+    nonfinite: bool = False,
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """Keeps all but the ``n_pruned`` lowest-ranked entries of the leaves taken together.
+
+    Returns the masks, and with ``nonfinite`` each leaf's count of NaN and inf weights (masked
+    ones too; else ``()``): where the first narrowing pass counts per block, that count rides in
+    it, so checking the weights costs no pass of its own.
 
     The rank is ``(key, leaf, position)``: magnitude first, then flattening order. With one leaf
     and an ``axis``, every slice along it is ranked on its own (``n_pruned`` per slice). Found by
@@ -287,23 +294,29 @@ def _ranked_keep(
             start[s] += blocks
         return tuple(out)
 
-    def count_pair(a, c):
+    bad: list[tuple[jax.Array, ...]] = []  # non-finite counts per leaf, from the first pass
+
+    def count_pair(a, c, raw=False):
         xs, ps, a, c = jax.lax.optimization_barrier((leaves, prevs, a, c))
         keys = [_keys(x, p) for x, p in zip(xs, ps, strict=True)]
         if gather:
             assert placements is not None
-            at_a, at_c = zip(
-                *(
-                    _per_shard(
-                        placement,
-                        lambda k, a, c: _block_counts(k, a, c, counted),
-                        (key, a, c),
-                        "lrr",
-                    )
-                    for key, placement in zip(keys, placements, strict=True)
-                ),
-                strict=True,
-            )
+            per_leaf = [
+                _per_shard(
+                    placement,
+                    lambda k, x, a, c: _block_counts(k, a, c, counted, _keys(x, None)),
+                    (key, x, a, c),
+                    "llrr",
+                )
+                if raw
+                else _per_shard(
+                    placement, lambda k, a, c: _block_counts(k, a, c, counted), (key, a, c), "lrr"
+                )
+                for key, x, placement in zip(keys, xs, placements, strict=True)
+            ]
+            at_a, at_c = tuple(c[0] for c in per_leaf), tuple(c[1] for c in per_leaf)
+            if raw:  # summed over a split leaf's shards
+                bad.append(tuple(jnp.sum(c[2], dtype=jnp.int32) for c in per_leaf))
             return _total(at_a), _total(at_c), grouped(at_a), grouped(at_c)
         counts = [
             (
@@ -331,7 +344,15 @@ def _ranked_keep(
         b = b._replace(
             blocks_lo=grouped([jnp.zeros_like(s) for s in sizes]), blocks_hi=grouped(sizes)
         )
-    b = _start(b, leaves, prevs, axis, n, n_pruned, count_pair)
+    counts_bad = nonfinite and gather
+    first = functools.partial(count_pair, raw=True) if counts_bad else None
+    b = _start(b, leaves, prevs, axis, n, n_pruned, count_pair, first)
+    if not nonfinite:
+        found: tuple[jax.Array, ...] = ()
+    elif counts_bad:
+        (found,) = bad
+    else:
+        found = tuple(_count(_keys(x, None) >= _KEY_TOP, None) for x in leaves)
 
     def everywhere(lo, hi):
         threshold = _bisect(lambda t: count_at(t, jnp.less_equal), lo, hi, n_pruned)
@@ -375,7 +396,7 @@ def _ranked_keep(
         # comparing and combining the two conditions on CPU.
         before = _position(key.shape, axis) < _column(cut, key.ndim, axis)
         out.append(key >= jnp.where(before, t + 1, t))
-    return tuple(out)
+    return tuple(out), found
 
 
 def _tie_cut(x, prev, threshold, axis, partial, hi, take) -> jax.Array:
@@ -390,7 +411,7 @@ def _tie_cut(x, prev, threshold, axis, partial, hi, take) -> jax.Array:
     return _bisect(count_before, jnp.where(partial, -1, hi - 1), hi, take)
 
 
-ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "placements"))
+ranked_keep = jax.jit(_ranked_keep, static_argnames=("axes", "placements", "nonfinite"))
 
 
 def check_countable(what: str, n: int) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxprune._keys import _count
 
 PyTree = Any
 Where = Callable[[str, Any], bool]
@@ -417,9 +419,10 @@ class Unit(NamedTuple):
 
 @jax.jit
 def _all_finite(leaves: tuple[jax.Array, ...]) -> jax.Array:
-    # The largest magnitude is NaN or inf exactly where some entry is: a float max reduction,
-    # which XLA on CPU vectorises (about 1.6x faster than all(isfinite)).
-    return jnp.stack([jnp.max(jnp.abs(x), initial=0) < jnp.inf for x in leaves])
+    # A count of the non-finite entries (integer sums, as _count makes them: 0.33 ms per 2**20
+    # float32 on 2 cores, against 0.60 for all(isfinite)). Not a float max of |x|: XLA's
+    # vectorised max on CPU drops NaN (a 64x64 leaf with one NaN read as finite).
+    return jnp.stack([_count(~jnp.isfinite(x), None) == 0 for x in leaves])
 
 
 def check_finite(leaves: Mapping[str, Any]) -> None:
@@ -434,10 +437,15 @@ def check_finite(leaves: Mapping[str, Any]) -> None:
     finite = jax.device_get(_all_finite(tuple(concrete.values())))
     for path, ok in zip(concrete, finite, strict=True):
         if not ok:
-            raise ValueError(
-                f"params[{path!r}] contains NaN or inf; magnitudes cannot rank or threshold it. "
-                "Fix the weights (e.g. a diverged training run) before computing masks."
-            )
+            raise_nonfinite(path)
+
+
+def raise_nonfinite(path: str) -> NoReturn:
+    """The error for a prunable leaf holding NaN or inf (see :func:`check_finite`)."""
+    raise ValueError(
+        f"params[{path!r}] contains NaN or inf; magnitudes cannot rank or threshold it. "
+        "Fix the weights (e.g. a diverged training run) before computing masks."
+    )
 
 
 def layer_units(params: PyTree, prunable: Mapping[str, bool], axes: Mapping[str, int]) -> list:

@@ -39,6 +39,7 @@ from jaxprune._tree import (
     leaves_with_paths,
     path_str,
     prunable_paths,
+    raise_nonfinite,
     slice_name,
     stacked_axes,
 )
@@ -61,12 +62,17 @@ def _keep_all(leaf: Any, prev: Any) -> Any:
     return full if prev is None else full & jnp.asarray(prev, dtype=bool)
 
 
-def _prepare(params, previous, where, stacked) -> tuple[dict[str, bool], dict[str, int]]:
+def _prepare(
+    params, previous, where, stacked, *, finite: bool = True
+) -> tuple[dict[str, bool], dict[str, int]]:
+    """The prunable leaves and stacked axes, after the checks (the NaN check unless not
+    ``finite``, for a caller that checks the values itself)."""
     prunable = prunable_paths(params, where)
     axes = stacked_axes(params, stacked, prunable)
     if previous is not None:
         check_masks(params, previous, name="previous")
-    check_finite({p: leaf for p, leaf in leaves_with_paths(params) if prunable[p]})
+    if finite:
+        check_finite({p: leaf for p, leaf in leaves_with_paths(params) if prunable[p]})
     return prunable, axes
 
 
@@ -247,11 +253,14 @@ def masks_for_sparsity(
         )
     if not isinstance(sparsity, Mapping):
         check_scalar(sparsity, name="sparsity", low=0.0, high=1.0, closed_high=False)
-    prunable, axes = _prepare(params, previous, where, stacked)
+    # The NaN check rides in the ranking's first pass over the weights: checked after it.
+    prunable, axes = _prepare(params, previous, where, stacked, finite=False)
     prev_of = dict(leaves_with_paths(previous)) if previous is not None else {}
     chosen = [(p, jnp.asarray(leaf)) for p, leaf in leaves_with_paths(params) if prunable[p]]
 
     placements = placements_of([leaf for _, leaf in chosen])
+    concrete = not any(is_traced(leaf) for _, leaf in chosen)
+    nonfinite: dict[str, jax.Array] = {}  # per ranked leaf, its count of NaN and inf
 
     def prev(path: str) -> jax.Array | None:
         return jnp.asarray(prev_of[path], dtype=bool) if path in prev_of else None
@@ -269,24 +278,33 @@ def masks_for_sparsity(
             check_countable(f"params[{p!r}]", n)
             counts = [jnp.asarray(_pruned_count(frac.get(u, 0.0), n), jnp.int32) for u in slices]
             n_pruned = counts[0] if axis is None else jnp.stack(counts)
-            (keep_of[p],) = ranked_keep(
+            (keep_of[p],), bad = ranked_keep(
                 (leaf,),
                 (prev(p),),
                 (axis,),
                 n_pruned,
                 None if placements is None else (placements[i],),
+                nonfinite=concrete,
             )
+            nonfinite.update(zip([p], bad, strict=False))
     else:
         total = sum(leaf.size for _, leaf in chosen)
         check_countable("the prunable leaves together", total)
-        keeps = ranked_keep(
+        keeps, bad = ranked_keep(
             tuple(leaf for _, leaf in chosen),
             tuple(prev(p) for p, _ in chosen),
             (None,) * len(chosen),
             jnp.asarray(_pruned_count(sparsity, total), jnp.int32),
             placements,
+            nonfinite=concrete,
         )
         keep_of = {p: k for (p, _), k in zip(chosen, keeps, strict=True)}
+        nonfinite.update(zip([p for p, _ in chosen], bad, strict=False))
+    # Leaves a mapping leaves unranked are checked too, as compute_masks checks every one.
+    check_finite({p: leaf for p, leaf in chosen if p not in keep_of})
+    for path, count in zip(nonfinite, jax.device_get(list(nonfinite.values())), strict=True):
+        if count:
+            raise_nonfinite(path)
 
     def one(path: str, leaf: Any, prev: Any) -> Any:
         if path not in keep_of:

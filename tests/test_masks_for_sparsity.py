@@ -303,15 +303,40 @@ def test_block_counts_flag_the_blocks_between_two_keys(n, counted, per, seed):
     from jaxprune._blocks import _block_counts, _flagged
 
     @functools.partial(jax.jit, static_argnums=(3, 4))
-    def flagged(keys, lo, hi, counted, per):
-        at_lo, at_hi = _block_counts(keys, lo, hi, counted)
-        return jax.numpy.sum(at_hi, dtype=np.int32), _flagged(at_lo, at_hi, per)
+    def flagged(keys, lo, hi, counted, per, raw=None):
+        at_lo, at_hi, *bad = _block_counts(keys, lo, hi, counted, raw)
+        return jax.numpy.sum(at_hi, dtype=np.int32), _flagged(at_lo, at_hi, per), bad
 
     rng = np.random.default_rng(seed)
     keys = rng.integers(-1, 40, size=n).astype(np.int32)
     lo, hi = sorted(rng.integers(-2, 41, size=2).tolist())
-    count_hi, flags = flagged(keys, np.int32(lo), np.int32(hi), counted, per)
-    assert int(count_hi) == np.sum(keys <= hi)
     size = counted * per
     want = [np.any((b > lo) & (b <= hi)) for b in np.split(keys, range(size, n, size))]
-    assert np.asarray(flags).tolist() == want
+    # With the unmasked keys too, a third count rides along: the NaN and inf among them.
+    raw = rng.choice(np.array([0, 5, 0x7F7FFFFF, 0x7F800000, 0x7FC00000], np.int32), size=n)
+    for extra in (None, raw):
+        count_hi, flags, bad = flagged(keys, np.int32(lo), np.int32(hi), counted, per, extra)
+        assert int(count_hi) == np.sum(keys <= hi)
+        assert np.asarray(flags).tolist() == want
+        assert [int(b) for b in bad] == ([] if extra is None else [np.sum(raw >= 0x7F800000)])
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("shape", [(3, 4), (256, 256)])  # the second: NaN counted in a first pass
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+@pytest.mark.parametrize("pruned_there", [False, True])
+def test_non_finite_weights_are_refused(scope, shape, value, pruned_there):
+    rng = np.random.default_rng(0)
+    kernels = [rng.standard_normal((8, 8)).astype(np.float32)] * 2
+    kernels[1] = rng.standard_normal(shape).astype(np.float32)
+    kernels[1][1, 2] = value
+    previous = [np.ones(k.shape, bool) for k in kernels]
+    previous[1][1, 2] = not pruned_there  # a NaN where already pruned is refused all the same
+    params = params_of(kernels)
+    prev = {f"Dense_{i}": {"kernel": p, "bias": np.ones(2, bool)} for i, p in enumerate(previous)}
+    with pytest.raises(ValueError, match=r"params\['Dense_1/kernel'\] contains NaN or inf"):
+        jaxprune.masks_for_sparsity(params, 0.5, scope=scope, previous=prev)
+    # A leaf a mapping leaves out is checked as well (compute_masks checks every prunable leaf).
+    if scope == "layer":
+        with pytest.raises(ValueError, match=r"params\['Dense_1/kernel'\] contains NaN"):
+            jaxprune.masks_for_sparsity(params, {"Dense_0": 0.5})

@@ -232,6 +232,17 @@ MASKS_SCRIPT = textwrap.dedent(
             same(want, got, sharded, (label, scope, s))
         no_gather(lambda p, m: jaxprune.masks_for_sparsity(p, 0.9, scope="global", previous=m),
                   sharded, prev_s, label=(label, "big"))
+        # A NaN in a split kernel (pruned there or not) is found by the first pass's counts.
+        nan_b = big["B"]["kernel"].copy()
+        nan_b[7, 9] = np.nan
+        broken = place({"A": big["A"], "B": {"kernel": nan_b}}, lambda x: kernel_spec)
+        for scope in ("layer", "global"):
+            try:
+                jaxprune.masks_for_sparsity(broken, 0.9, scope=scope, previous=prev_s)
+            except ValueError as e:
+                assert "params['B/kernel'] contains NaN or inf" in str(e), e
+            else:
+                raise AssertionError("a NaN in a split kernel was accepted")
         print(label, "big ok")
     """
 )
