@@ -2,6 +2,7 @@
 
 import functools
 import math
+import threading
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -341,3 +342,23 @@ def test_non_finite_weights_are_refused(scope, shape, value, pruned_there):
     if scope == "layer":
         with pytest.raises(ValueError, match=r"params\['Dense_1/kernel'\] contains NaN"):
             jaxprune.masks_for_sparsity(params, {"Dense_0": 0.5})
+
+
+def test_layer_rankings_run_concurrently_with_the_callers_settings():
+    from jaxprune.masks import _concurrently
+
+    def seen(i):
+        return i, threading.current_thread().name, jax.config.jax_numpy_rank_promotion
+
+    with jax.numpy_rank_promotion("warn"):  # thread-local: set again in each worker
+        out = _concurrently(seen, [(i,) for i in range(6)], threads=3)
+    assert [i for i, _, _ in out] == list(range(6))  # in order
+    assert {rule for _, _, rule in out} == {"warn"}
+    assert threading.current_thread().name not in {name for _, name, _ in out}
+    # Several leaves in layer scope go through the threads and give the reference's masks.
+    rng = np.random.default_rng(4)
+    kernels = [rng.standard_normal(s).astype(np.float32) for s in [(300, 256), (7, 9), (64, 64)]]
+    masks = kernel_masks(jaxprune.masks_for_sparsity(params_of(kernels), 0.7), len(kernels))
+    alive = [np.ones(k.shape, bool) for k in kernels]
+    for got, want in zip(masks, reference_masks(kernels, 0.7, "layer", alive), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -427,6 +427,28 @@ def test_driver_carries_model_state_reestimates_it_and_resumes():
         )
 
 
+def test_driver_runs_array_batches_with_batch_stats_as_it_iterates_them():
+    # BatchNorm statistics travel through the compiled epoch (lax.scan) as through the loop.
+    _, params, state, loss = _linen()
+    data = jaxprune.ArrayBatches((X, Y), batch_size=8, seed=3)
+    kwargs = dict(rounds=2, optimizer=optax.sgd(0.01, momentum=0.9), sparsity=[0.5, 0.8], epochs=2)
+
+    def run_with(batches):
+        return list(
+            jaxprune.prune_and_retrain(
+                params, loss, batches, lambda p: 0.0, model_state=state, reestimate=2, **kwargs
+            )
+        )[-1]
+
+    scanned, looped = run_with(data), run_with(lambda e: list(data(e)))
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(
+        scanned.model_state["batch_stats"]["BatchNorm_0"]["mean"],
+        state["batch_stats"]["BatchNorm_0"]["mean"],
+    )
+
+
 def test_round_checkpoints_keep_the_model_state(tmp_path):
     config = Config(model="lenet300")
     data = load_digits()

@@ -212,6 +212,14 @@ MASKS_SCRIPT = textwrap.dedent(
         raise AssertionError("an indivisible sharding was accepted")
     print("indivisible ok")
 
+    # Per-layer rankings run on worker threads: the caller's default device holds there too.
+    with jax.default_device(jax.devices()[2]):
+        got = jaxprune.masks_for_sparsity(params, 0.7, previous=previous)
+    for w, g in zip(jax.tree.leaves(want_ms["layer"]), jax.tree.leaves(got)):
+        assert np.array_equal(np.asarray(w), np.asarray(g))
+        assert g.devices() == {jax.devices()[2]}, g.devices()
+    print("default device ok")
+
     # Kernels of 2**16 weights or more: each shard flags and gathers its blocks of the bracket,
     # and brings the few entries in it to every device; the answers equal the one-device ones
     # (a smooth kernel, and a cluster a few ulps wide that overflows into the full bisection).
@@ -329,7 +337,14 @@ def test_sharded_kernels_give_the_same_masks_and_stay_sharded(sharded_run):
     check(
         sharded_run,
         "masks",
-        ["fsdp ok", "fsdp x tp ok", "indivisible ok", "fsdp big ok", "fsdp x tp big ok"],
+        [
+            "fsdp ok",
+            "fsdp x tp ok",
+            "indivisible ok",
+            "default device ok",
+            "fsdp big ok",
+            "fsdp x tp big ok",
+        ],
     )
 
 
