@@ -41,6 +41,7 @@ from jaxprune._tree import (
     path_str,
     prunable_paths,
     raise_nonfinite,
+    settled,
     slice_name,
     stacked_axes,
 )
@@ -151,7 +152,7 @@ def compute_masks(
             q_leaf = jnp.asarray(by_leaf[path][None], dtype=jnp.float32)
         else:  # one std and one q per slice; a slice without a q keeps everything
             q_leaf = per_slice(by_leaf[path], leaf.shape[axis], axis, leaf.ndim, fill=0.0)
-        return _keep_above_std(leaf, q_leaf, prev, axis=axis)
+        return settled(_keep_above_std(leaf, q_leaf, prev, axis=axis), leaf)
 
     return _leafwise(one, params, previous)
 
@@ -283,8 +284,10 @@ def masks_for_sparsity(
             n_pruned = counts[0] if axis is None else jnp.stack(counts)
             placement = None if placements is None else (placements[i],)
             jobs[p] = ((leaf,), (prev(p),), (axis,), n_pruned, placement, concrete)
-        # Tracers stay on the tracing thread.
-        ranked = _concurrently(ranked_keep, list(jobs.values()), threads=4 if concrete else 1)
+        # Tracers stay on the tracing thread, and a leaf over several devices ranks with
+        # collectives, which XLA's CPU runtime can deadlock on when two calls hold them at once.
+        whole = concrete and all(len(leaf.sharding.device_set) == 1 for _, leaf in chosen)
+        ranked = _concurrently(_ranked_settled, list(jobs.values()), threads=4 if whole else 1)
         keep_of = {}
         for p, ((keep,), bad) in zip(jobs, ranked, strict=True):
             keep_of[p] = keep
@@ -315,6 +318,11 @@ def masks_for_sparsity(
         return keep if prev is None else keep & jnp.asarray(prev, dtype=bool)
 
     return _leafwise(one, params, previous)
+
+
+def _ranked_settled(*job) -> Any:
+    """``ranked_keep(*job)``, waited for where the leaf lies over several CPU devices."""
+    return settled(ranked_keep(*job), job[0][0])
 
 
 def _concurrently(fn, jobs: list[tuple], threads: int = 4) -> list:
@@ -473,7 +481,7 @@ def summarize(
     # Counts are reductions where the masks lie; only scalars (one per slice) come to the host.
     kept_of = jax.device_get(  # one fetch for every leaf's count
         {
-            path: jnp.sum(mask_of[path], dtype=jnp.int32)
+            path: settled(jnp.sum(mask_of[path], dtype=jnp.int32), mask_of[path])
             for path, leaf in leaves_with_paths(params)
             if is_array(leaf)
         }

@@ -31,6 +31,7 @@ from jaxprune._tree import (
     is_array,
     last_key,
     leaves_with_paths,
+    settled,
 )
 from jaxprune.batches import ArrayBatches, epoch_rows, take
 
@@ -187,9 +188,7 @@ def make_retrain_step(
         return jax.lax.scan(lambda s, row: step(s, take(data, row)), state, rows)
 
     def waited(out):
-        if _on_cpu_devices(out[0].step):
-            jax.block_until_ready(out)
-        return out
+        return settled(out, out[0].step)
 
     @functools.wraps(step)
     def run(state: RetrainState, batch: Batch) -> tuple[RetrainState, dict[str, jax.Array]]:
@@ -209,21 +208,6 @@ def make_retrain_step(
     run.jitted = jitted  # type: ignore[attr-defined]
     run.epoch = epoch  # type: ignore[attr-defined]
     return run
-
-
-def _on_cpu_devices(x: jax.Array) -> bool:
-    """Whether ``x`` lives on more than one CPU device: a data-parallel step on the CPU.
-
-    There XLA sums the gradients with an all-reduce in which each device's part waits for the
-    others on a shared thread pool; with a second such step queued behind the first, the parts
-    of two steps can hold every thread and wait on each other for good (jax 0.10.2 on 2 cores
-    aborted within about 60 steps: "Termination timeout for all reduce"). Waiting for each
-    data-parallel CPU step before the next one is queued avoids that, at the cost of dispatch
-    overlap (tens of microseconds a step).
-    """
-    devices = x.sharding.device_set
-    device: Any = next(iter(devices))  # jaxlib's Device, untyped for mypy
-    return len(devices) > 1 and device.platform == "cpu"
 
 
 def _graph_nodes(model: nnx.Module, kind: type) -> list[tuple[str, Any]]:
