@@ -19,14 +19,7 @@ if TYPE_CHECKING:
     from jaxprune._tree import default_where, excluding, paths_matching, weights_named
     from jaxprune.batch_stats import reestimate_batch_stats
     from jaxprune.batches import ArrayBatches
-    from jaxprune.masks import (
-        LayerSummary,
-        Summary,
-        apply_masks,
-        compute_masks,
-        masks_for_sparsity,
-        summarize,
-    )
+    from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity
     from jaxprune.nm import nm_masks, nm_pattern, nm_patterns
     from jaxprune.retrain import (
         RetrainState,
@@ -41,6 +34,7 @@ if TYPE_CHECKING:
     from jaxprune.sparse import SparseApply, sparse_apply, to_bcoo, to_dense
     from jaxprune.storage import FORMAT_VERSION, FileFormatError, LeafReport, SaveReport, load, save
     from jaxprune.structured import LayerShrink, ShrinkReport, Shrunk, neuron_masks, shrink
+    from jaxprune.summary import LayerSummary, Summary, summarize
     from jaxprune.transform import (
         KeepPrunedState,
         PruneGradientsState,
@@ -54,14 +48,7 @@ _HOMES = {
     "jaxprune._tree": ("default_where", "excluding", "paths_matching", "weights_named"),
     "jaxprune.batch_stats": ("reestimate_batch_stats",),
     "jaxprune.batches": ("ArrayBatches",),
-    "jaxprune.masks": (
-        "LayerSummary",
-        "Summary",
-        "apply_masks",
-        "compute_masks",
-        "masks_for_sparsity",
-        "summarize",
-    ),
+    "jaxprune.masks": ("apply_masks", "compute_masks", "masks_for_sparsity"),
     "jaxprune.nm": ("nm_masks", "nm_pattern", "nm_patterns"),
     "jaxprune.retrain": (
         "RetrainState",
@@ -83,6 +70,7 @@ _HOMES = {
         "save",
     ),
     "jaxprune.structured": ("LayerShrink", "ShrinkReport", "Shrunk", "neuron_masks", "shrink"),
+    "jaxprune.summary": ("LayerSummary", "Summary", "summarize"),
     "jaxprune.transform": (
         "KeepPrunedState",
         "PruneGradientsState",

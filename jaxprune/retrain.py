@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxprune._settle import settled
 from jaxprune._state import check_state_like
 from jaxprune._tree import (
     WEIGHT_NAMES,
@@ -31,7 +32,6 @@ from jaxprune._tree import (
     is_array,
     last_key,
     leaves_with_paths,
-    settled,
 )
 from jaxprune.batches import ArrayBatches, epoch_rows, take
 

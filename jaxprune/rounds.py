@@ -21,7 +21,7 @@ from jaxprune import batch_stats
 from jaxprune._options import check_count
 from jaxprune._tree import PyTree, Stacked, Where
 from jaxprune.batches import ArrayBatches
-from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
+from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity
 from jaxprune.nm import AxisSpec, check_pattern, nm_masks
 from jaxprune.retrain import (
     Batch,
@@ -30,6 +30,7 @@ from jaxprune.retrain import (
     make_retrain_step,
     retrain_dropout_rates,
 )
+from jaxprune.summary import summarize
 from jaxprune.transform import keep_pruned, raise_if_misplaced, update_masks
 
 # A value per round: one value for all rounds, a sequence with one per round, or a function of the

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxprune.analysis import Sensitivity, accuracy, sensitivity
-from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity, summarize
+from jaxprune.masks import apply_masks, compute_masks, masks_for_sparsity
 from jaxprune.plots import plot_history, plot_sensitivity, plot_weight_histogram
+from jaxprune.summary import summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

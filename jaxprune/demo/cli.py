@@ -35,8 +35,8 @@ from jaxprune.demo.checkpoints import CheckpointError, Checkpoints, OutLock
 from jaxprune.demo.data import DataError, load_dataset
 from jaxprune.demo.models import count_params
 from jaxprune.demo.recipes import Config, ConfigError
-from jaxprune.masks import summarize
 from jaxprune.storage import FileFormatError
+from jaxprune.summary import summarize
 
 # The 1,348 training digits give few steps per epoch: retrain longer, at half the dense rate.
 DEMO = Config(
