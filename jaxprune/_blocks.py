@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune._keys import _KEY_MAX, _KEY_TOP, _bisect, _count, _keys
+from jaxprune._keys import _KEY_MAX, _bisect, _count, _keys
 
 if TYPE_CHECKING:
     from jaxprune._ranking import _Bracket
@@ -112,26 +112,26 @@ _COUNTED = 128  # entries per block that a pass counts in (a candidate block hol
 
 
 def _block_counts(
-    key: jax.Array, a: jax.Array, c: jax.Array, size: int, raw: jax.Array | None = None
+    key: jax.Array, a: jax.Array, c: jax.Array, size: int, flags: jax.Array | None = None
 ) -> tuple:
     """Keys ``<= a`` and ``<= c`` per block of ``size`` (at most 255) consecutive entries (uint8).
 
     Row-major; the last block may be short. Both counts ride in one uint16 (``a``'s in the low
     byte), so one reduction counts both; groups of 16 entries a block apart are summed first (a
-    reduction over a major axis, which XLA on CPU vectorises). With ``raw`` (the keys of the
-    weights before any mask), a third value: how many of them are NaN or inf, counted in a third
-    byte of the same reduction (uint32 then; the pass takes as long, being bound by the reads),
-    so the NaN check needs no pass of its own.
+    reduction over a major axis, which XLA on CPU vectorises). With ``flags`` (bools of the
+    key's shape, e.g. which weights are NaN or inf), a third value: how many are set, counted in
+    a third byte of the same reduction (uint32 then; the pass takes as long, being bound by its
+    reads), so the NaN check needs no pass of its own.
     """
     flat = key.reshape(-1)
-    rest = None if raw is None else raw.reshape(-1)
+    rest = None if flags is None else flags.reshape(-1)
     n = flat.shape[0]
     full = n // size * size
-    dtype = jnp.uint16 if raw is None else jnp.uint32
+    dtype = jnp.uint16 if flags is None else jnp.uint32
 
-    def packed(k, r):
+    def packed(k, f):
         both = (k <= a).astype(dtype) | ((k <= c).astype(dtype) << 8)
-        return both if r is None else both | ((r >= _KEY_TOP).astype(dtype) << 16)
+        return both if f is None else both | (f.astype(dtype) << 16)
 
     parts = []
     if full:
@@ -143,7 +143,7 @@ def _block_counts(
         parts.append(jnp.sum(tail, dtype=dtype)[None])
     counts = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
     at_a, at_c = (counts & 0xFF).astype(jnp.uint8), ((counts >> 8) & 0xFF).astype(jnp.uint8)
-    if raw is None:
+    if flags is None:
         return at_a, at_c
     return at_a, at_c, jnp.sum(counts >> 16, dtype=jnp.int32)
 

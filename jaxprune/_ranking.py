@@ -304,7 +304,7 @@ def _ranked_keep(
             per_leaf = [
                 _per_shard(
                     placement,
-                    lambda k, x, a, c: _block_counts(k, a, c, counted, _keys(x, None)),
+                    lambda k, x, a, c: _block_counts(k, a, c, counted, ~jnp.isfinite(x)),
                     (key, x, a, c),
                     "llrr",
                 )
@@ -352,7 +352,7 @@ def _ranked_keep(
     elif counts_bad:
         (found,) = bad
     else:
-        found = tuple(_count(_keys(x, None) >= _KEY_TOP, None) for x in leaves)
+        found = tuple(_count(~jnp.isfinite(x), None) for x in leaves)
 
     def everywhere(lo, hi):
         threshold = _bisect(lambda t: count_at(t, jnp.less_equal), lo, hi, n_pruned)
