@@ -23,7 +23,7 @@ once, three quiet runs on a third day read 2.0x / 2.0x / 2.1x (layer) and 1.4x /
 (global) on one device, 3.3-3.7x and 2.7-2.9x split. Later, with the NaN check riding in the
 first counting pass and the layers ranked from 4 threads at once (one device only), two quiet
 runs (others' load 0.00-0.02 cores) read 1.5x / 1.7x (layer) and 1.4x / 1.6x (global) on one
-device (two more runs of that table: 1.8x / 1.6x and 1.7x / 1.6x), 2.9x / 3.4x and 1.6x / 2.4x
+device (two more runs of that table, layer / global: 1.8x / 1.7x and 1.6x / 1.6x), 2.9x / 3.4x and 1.6x / 2.4x
 split; compute_masks' NaN check became a count (a max of |w| dropped NaN), about 10% faster,
 which raised every ratio a little.
 
