@@ -7,6 +7,7 @@ import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from zoo import zoo
 
 import jaxprune
 from jaxprune.batches import ArrayBatches, epoch_rows
@@ -153,3 +154,37 @@ def test_driver_runs_array_batches_as_it_iterates_them():
     for a, b in zip(scanned.history, looped.history, strict=True):
         assert a.kept_fraction == b.kept_fraction
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+
+
+@pytest.mark.standard_promotion  # the zoo's Transformers add a (seq, d) table to (batch, seq, d)
+@pytest.mark.slow  # 9-22 s each (a model's step compiled twice): CI's second step
+@pytest.mark.parametrize("name", ["nnx_transformer_scan", "nnx_cnn"])
+def test_step_epoch_on_zoo_models_equals_the_loop(name):
+    # Integer tokens through Embed and scan-stacked NNX blocks; images through a BatchNorm CNN
+    # (in eval mode: the statistics as they are).
+    model = zoo()[name]
+    x = jnp.concatenate([model.inputs] * 3)
+    y = jnp.arange(x.shape[0]) % 4
+    masks = jaxprune.compute_masks(model.params, 0.8, stacked=model.stacked)
+    tx = jaxprune.keep_pruned(optax.sgd(0.05, momentum=0.9), masks)
+
+    def loss(p, batch, rng):
+        del rng
+        logits = model.apply(p, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits[..., :4], batch[1]).mean()
+
+    step = jaxprune.make_retrain_step(loss, tx)
+    data = ArrayBatches((x, y), batch_size=x.shape[0] // 3, seed=_key(1))
+    start = jaxprune.retrain_state(jaxprune.apply_masks(model.params, masks), tx, rng=_key(0))
+    scanned, _ = step.epoch(start, data, 0)
+    looped = start
+    for batch in data(0):
+        looped, _ = step(looped, batch)
+    for a, b, m in zip(
+        jax.tree.leaves(scanned.params),
+        jax.tree.leaves(looped.params),
+        jax.tree.leaves(masks),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert np.all(np.asarray(a)[~np.asarray(m)] == 0.0)
