@@ -3,8 +3,9 @@
 Each counting pass that narrows the ranking's bracket also counts per block of 128 entries, so
 the blocks holding entries inside it are known without a pass of their own; those blocks (at
 most an eighth) are gathered and the threshold searched among them only. A leaf split evenly
-over a mesh is handled so on each shard (``shard_map``), and each shard's few entries in the
-bracket then come to every device, so the search needs no collective per step."""
+over a mesh is handled so on each shard (``shard_map``), and each shard's candidates (its
+flagged blocks, or in global scope the few entries of the bracket in them) then come to every
+device, so the search needs no collective per step."""
 
 from __future__ import annotations
 
@@ -245,20 +246,25 @@ def _among_candidates(leaves, prevs, placements, b: _Bracket, n_pruned, everywhe
     so the counts are exact. When the flagged blocks do not fit, ``everywhere`` (bisection over
     all weights) answers instead. The gathering stays outside that ``cond``: inside a branch,
     XLA's compile time grows faster than the number of leaves (minutes for 96 in global scope).
+
+    A split leaf's shards send their candidates to every device, so the bisection needs no
+    collective per step. Ranked alone (layer scope), a leaf's candidate blocks go as they are
+    (at most an eighth of it, for as long as the search lasts); ranked with others (global
+    scope, where every leaf's would be held at once), each shard first compacts its keys in the
+    bracket to ``2 * sqrt(n)``, which costs about as much as the search over all of them.
     """
     per = size // min(size, _COUNTED)
     flags = [_flagged(lo, hi, per) for lo, hi in zip(b.blocks_lo, b.blocks_hi, strict=True)]
     caps = [max(1, f.shape[-1] // 8) for f in flags]
     most = 2 * math.isqrt(sum(math.prod(x.shape) for x in leaves))  # per shard of a split leaf
+    compact = len(leaves) > 1
 
     def gathered(x, p, f, placement, cap):
-        """The leaf's candidate keys; for a split leaf, each shard's few in the bracket, for all.
-
-        The bisection then runs on every device without a collective per step."""
+        """The leaf's candidate keys; for a split leaf, those of every shard, on every device."""
 
         def local(x, p, f, lo, hi):
             keys = _candidate_keys(x, p, f, lo, hi, size, cap)
-            return keys if placement is None else _compacted(keys, most)
+            return _compacted(keys, most) if placement is not None and compact else keys
 
         if p is None:
             keys = _per_shard(
@@ -291,7 +297,7 @@ def _among_candidates(leaves, prevs, placements, b: _Bracket, n_pruned, everywhe
         for f, c, x, s in zip(flags, caps, leaves, placements, strict=True)
     ]
     for lo, hi, s in zip(b.blocks_lo, b.blocks_hi, placements, strict=True):
-        if s is not None:  # the entries in the bracket per shard, exactly
+        if s is not None and compact:  # the entries in the bracket per shard, exactly
             inside = jnp.sum(hi.astype(jnp.int32) - lo.astype(jnp.int32), axis=-1)
             fits.append(jnp.max(inside) <= most)
     return jax.lax.cond(functools.reduce(jnp.logical_and, fits), among, everywhere, b.lo, b.hi)

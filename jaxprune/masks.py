@@ -176,6 +176,15 @@ def _pruned_count(sparsity: Any, n: int) -> Any:
     return math.floor(float(sparsity) * n + 0.5)
 
 
+def _as_int32(counts: list[Any]) -> Any:
+    """The counts as one int32 array: NumPy where all are concrete, so that a call on leaves over
+    several devices places it by itself (a JAX array on the default device is moved there by a
+    slow path, about 0.3 ms a call)."""
+    if any(is_traced(c) for c in counts):
+        return jnp.stack([jnp.asarray(c, jnp.int32) for c in counts])
+    return np.asarray(counts, np.int32)
+
+
 def masks_for_sparsity(
     params: PyTree,
     sparsity: Any,
@@ -201,14 +210,16 @@ def masks_for_sparsity(
     (at most an eighth of the blocks) for the bisection: about four passes over the weights in
     all, the first of which also counts NaN and inf (the check that :func:`compute_masks` makes
     in a pass of its own; the error is raised once the masks are computed). A leaf split
-    evenly over a mesh by a ``NamedSharding`` is treated so on each shard, and the few entries
-    each shard holds in the range come to every device (one small all-gather). Leaves sharded
+    evenly over a mesh by a ``NamedSharding`` is treated so on each shard, and each shard's
+    candidates come to every device (one all-gather: in layer scope its flagged blocks, at most
+    an eighth of the leaf, in global scope only the entries in the range). Leaves sharded
     otherwise, or traced with several devices present, need only reductions (about 16-20
     passes). The masks keep the params' sharding, and global scope sums counts across leaves
     and devices instead of gathering the weights. A few dozen passes more run over the entries
     tied at the threshold when a tie must be split. XLA's temporaries are about a tenth (layer
     scope) to a half (global) of a byte per weight of the leaves being ranked, beside the masks
-    themselves. In layer scope the layers of concrete params that each lie on one device are
+    themselves; on a split leaf in layer scope, each device holds up to half a byte per weight of
+    the whole leaf while it is ranked (the shards' candidates). In layer scope the layers of concrete params that each lie on one device are
     ranked from up to 4 threads at once (see ``_concurrently``).
 
     Args:
@@ -277,10 +288,11 @@ def masks_for_sparsity(
                 continue
             n = leaf.size // (1 if axis is None else leaf.shape[axis])
             check_countable(f"params[{p!r}]", n)
-            counts = [jnp.asarray(_pruned_count(frac.get(u, 0.0), n), jnp.int32) for u in slices]
-            n_pruned = counts[0] if axis is None else jnp.stack(counts)
+            counts = _as_int32([_pruned_count(frac.get(u, 0.0), n) for u in slices])
+            n_pruned = counts[0] if axis is None else counts
             placement = None if placements is None else (placements[i],)
             jobs[p] = ((leaf,), (prev(p),), (axis,), n_pruned, placement, concrete)
+        jobs = _counts_placed(jobs)
         # Tracers stay on the tracing thread, and a leaf over several devices ranks with
         # collectives, which XLA's CPU runtime can deadlock on when two calls hold them at once.
         whole = concrete and all(len(leaf.sharding.device_set) == 1 for _, leaf in chosen)
@@ -296,7 +308,7 @@ def masks_for_sparsity(
             tuple(leaf for _, leaf in chosen),
             tuple(prev(p) for p, _ in chosen),
             (None,) * len(chosen),
-            jnp.asarray(_pruned_count(sparsity, total), jnp.int32),
+            _as_int32([_pruned_count(sparsity, total)])[0],
             placements,
             nonfinite=concrete,
         )
@@ -315,6 +327,22 @@ def masks_for_sparsity(
         return keep if prev is None else keep & jnp.asarray(prev, dtype=bool)
 
     return _leafwise(one, params, previous)
+
+
+def _counts_placed(jobs: dict[str, tuple]) -> dict[str, tuple]:
+    """The jobs, the counts of each leaf split over a mesh put on every device of it, in one call.
+
+    Left as NumPy, each ranking's call would copy its count there on its own, through a slower
+    path: side by side on 2 CPU devices, counts placed beforehand saved 0.3-0.6 ms a leaf.
+    """
+    split = [p for p, job in jobs.items() if job[4] is not None and job[4][0] is not None]
+    if not split or any(is_traced(jobs[p][3]) for p in split):
+        return jobs
+    everyone = [
+        jax.sharding.NamedSharding(jobs[p][4][0].mesh, jax.sharding.PartitionSpec()) for p in split
+    ]
+    placed = dict(zip(split, jax.device_put([jobs[p][3] for p in split], everyone), strict=True))
+    return {p: (*j[:3], placed[p], *j[4:]) if p in placed else j for p, j in jobs.items()}
 
 
 def _ranked_settled(*job) -> Any:

@@ -132,7 +132,7 @@ MASKS_SCRIPT = textwrap.dedent(
 
     def no_gather(fn, *args, label):
         # Compiled for the sharded inputs: any all-gather must be smaller than a whole kernel.
-        hlo = jax.jit(fn).lower(*args).compile().as_text()
+        hlo = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args).compile().as_text()
         for dims in re.findall(r"\\[([\\d,]*)\\][^=\\n]*? all-gather\\(", hlo):
             n = int(np.prod([int(d) for d in dims.split(",") if d]))
             assert n < min(sizes), (label, "all-gather of", dims)
@@ -240,6 +240,14 @@ MASKS_SCRIPT = textwrap.dedent(
             same(want, got, sharded, (label, scope, s))
         no_gather(lambda p, m: jaxprune.masks_for_sparsity(p, 0.9, scope="global", previous=m),
                   sharded, prev_s, label=(label, "big"))
+        # Eagerly, a layer's split kernel sends each shard's candidate blocks to every device as
+        # they are (an eighth of the kernel at most), global scope a compacted few: the ranking
+        # compiled for the placed leaves gathers no whole kernel either way.
+        leaves, prevs = tuple(jax.tree.leaves(sharded)), tuple(jax.tree.leaves(prev_s))
+        for group, places in [((i,), (placements[i],)) for i in range(2)] + [((0, 1), placements)]:
+            args = (tuple(leaves[i] for i in group), tuple(prevs[i] for i in group),
+                    (None,) * len(group), np.int32(1000), places, True)
+            no_gather(jaxprune._ranking.ranked_keep, *args, label=(label, "big", group))
         # A NaN in a split kernel (pruned there or not) is found by the first pass's counts.
         nan_b = big["B"]["kernel"].copy()
         nan_b[7, 9] = np.nan
