@@ -109,6 +109,8 @@ def _per_shard(placement: Placement, fn, args: tuple, kinds: str):
     )(*args)
 
 
+_OVERFLOW = -3  # below every key (an entry's is at least -1): a shard's flagged blocks overflow
+
 _COUNTED = 128  # entries per block that a pass counts in (a candidate block holds whole ones)
 
 
@@ -264,7 +266,14 @@ def _among_candidates(leaves, prevs, placements, b: _Bracket, n_pruned, everywhe
 
         def local(x, p, f, lo, hi):
             keys = _candidate_keys(x, p, f, lo, hi, size, cap)
-            return _compacted(keys, most) if placement is not None and compact else keys
+            if placement is None or _local_size(x, None) < 8 * size:
+                return keys
+            if compact:
+                return _compacted(keys, most)
+            # More flagged blocks than fit: said by the first key, so that telling every device
+            # needs no collective of its own (the keys go to all of them anyway).
+            over = jnp.sum(f, dtype=jnp.int32) > cap
+            return keys.at[0, 0].set(jnp.where(over, _OVERFLOW, keys[0, 0]))
 
         if p is None:
             keys = _per_shard(
@@ -293,9 +302,12 @@ def _among_candidates(leaves, prevs, placements, b: _Bracket, n_pruned, everywhe
         return t, below, tuple(_count(k == t, None) for k in keys)
 
     fits = [
-        (jnp.max(jnp.sum(f, axis=-1, dtype=jnp.int32)) <= c) | (_local_size(x, s) < 8 * size)
-        for f, c, x, s in zip(flags, caps, leaves, placements, strict=True)
-    ]
+        jnp.all(k[:, 0, 0] != _OVERFLOW)
+        if s is not None and not compact
+        else jnp.max(jnp.sum(f, axis=-1, dtype=jnp.int32)) <= c
+        for f, c, x, s, k in zip(flags, caps, leaves, placements, keys, strict=True)
+        if _local_size(x, s) >= 8 * size  # else taken whole: always fits
+    ] or [jnp.asarray(True)]
     for lo, hi, s in zip(b.blocks_lo, b.blocks_hi, placements, strict=True):
         if s is not None and compact:  # the entries in the bracket per shard, exactly
             inside = jnp.sum(hi.astype(jnp.int32) - lo.astype(jnp.int32), axis=-1)
