@@ -9,6 +9,15 @@ a ``(seq, d)`` positional table to a ``(batch, seq, d)`` activation).
 
 import os
 
+# Most of the suite's time was LLVM optimising XLA's CPU code: it compiles hundreds of small
+# programs and runs each a few times (the default run took 425 s on 2 quiet cores at XLA's
+# default level, 283 s at level 0). The level changes only how the code is compiled: XLA's HLO
+# passes, which decide what each program computes, are the same. Set before JAX starts (below);
+# a level the caller chose stays. Benchmarks run outside pytest, at the default level.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
 import jax
 import pytest
 from hypothesis import HealthCheck, settings
