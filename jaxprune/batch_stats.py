@@ -16,6 +16,7 @@ such averages) and refuses state that is something else (a counter, a cache).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,13 +33,14 @@ _TOLERANCE = 1e-3  # on the momentum solved for, relative to the leaf's scale
 
 @functools.lru_cache(maxsize=16)
 def probe(update: Update) -> Callable:
-    """A jitted ``probe(model_state, batch, *args) -> (batch_values, momenta, unchanged)``.
+    """A jitted ``probe(model_state, batch, *args) -> (batch_values, momenta, unchanged, bad)``.
 
     Runs ``update`` from a zero state and from a state of ``scale = 1 + max|leaf|`` per leaf, so
-    ``momentum = (b - a) / scale`` and ``batch_value = a / (1 - momentum)``.
+    ``momentum = (b - a) / scale`` and ``batch_value = a / (1 - momentum)``; ``bad`` counts the
+    batch values per leaf that are NaN or inf.
     """
 
-    def run(model_state: PyTree, batch: Any, *args: Any) -> tuple[PyTree, PyTree, PyTree]:
+    def run(model_state: PyTree, batch: Any, *args: Any) -> tuple[PyTree, PyTree, PyTree, PyTree]:
         scale = jax.tree.map(lambda x: 1.0 + jnp.max(jnp.abs(x), initial=0.0), model_state)
         zeros = jax.tree.map(jnp.zeros_like, model_state)
         scaled = jax.tree.map(lambda x, k: jnp.full_like(x, k), model_state, scale)
@@ -49,7 +51,8 @@ def probe(update: Update) -> Callable:
         spread = jax.tree.map(lambda m, mm: jnp.max(jnp.abs(m - mm), initial=0.0), momenta, mean_m)
         unchanged = jax.tree.map(lambda a, b, s: jnp.all(a == 0) & jnp.all(b == s), a, b, scaled)
         values = jax.tree.map(lambda a, m: a / (1.0 - m), a, mean_m)
-        return values, (mean_m, spread), unchanged
+        bad = jax.tree.map(lambda v: jnp.sum(~jnp.isfinite(v), dtype=jnp.int32), values)
+        return values, (mean_m, spread), unchanged, bad
 
     return jax.jit(run)
 
@@ -58,14 +61,16 @@ def running_average(
     run: Callable, model_state: PyTree, batches: Iterable[Any], *args: Any
 ) -> PyTree:
     """Averages the batch values that ``run`` (a :func:`probe`) solves for over ``batches``."""
-    total, n, frozen = None, 0, []
+    total, bad, n, frozen = None, None, 0, []
     for batch in batches:
-        values, (mean_m, spread), unchanged = run(model_state, batch, *args)
+        values, (mean_m, spread), unchanged, bad_now = run(model_state, batch, *args)
         if n == 0:
             frozen = [bool(u) for u in jax.tree.leaves(unchanged)]
             for (path, m), s, still in zip(
                 leaves_with_paths(mean_m), jax.tree.leaves(spread), frozen, strict=True
             ):
+                if not still and not math.isfinite(float(m)):
+                    raise _nonfinite(path, "the first batch")
                 if not still and not (
                     -_TOLERANCE <= float(m) < 1.0 - _TOLERANCE and float(s) <= _TOLERANCE
                 ):
@@ -77,15 +82,28 @@ def running_average(
                         "{'batch_stats': ...}) as model_state."
                     )
         total = values if total is None else jax.tree.map(jnp.add, total, values)
+        bad = bad_now if bad is None else jax.tree.map(jnp.add, bad, bad_now)
         n += 1
     if n == 0:
         raise ValueError("batches yielded no batch; re-estimating statistics needs at least one.")
+    # Checked once at the end, not per batch: a later batch's NaN would else average in silently.
+    for (path, count), still in zip(leaves_with_paths(jax.device_get(bad)), frozen, strict=True):
+        if count and not still:
+            raise _nonfinite(path, f"{int(count)} value(s) over the {n} batches")
     leaves, treedef = jax.tree.flatten(model_state)
     new = [
         old if still else (acc / n).astype(old.dtype)
         for old, acc, still in zip(leaves, jax.tree.leaves(total), frozen, strict=True)
     ]
     return jax.tree.unflatten(treedef, new)
+
+
+def _nonfinite(path: str, where: str) -> ValueError:
+    return ValueError(
+        f"model_state[{path!r}]: the batch statistics are NaN or inf ({where}): the model's "
+        "train-mode outputs on the batches are not finite (check the params and the batches), "
+        "so the re-estimated statistics would not be either."
+    )
 
 
 def reestimate_batch_stats(
@@ -115,8 +133,9 @@ def reestimate_batch_stats(
       The re-estimated model state, with the structure and dtypes of ``model_state``.
 
     Raises:
-      ValueError: if ``batches`` is empty, ``update`` returns a state of another structure, or a
-        leaf does not follow a running average (naming it).
+      ValueError: if ``batches`` is empty, ``update`` returns a state of another structure, a
+        leaf does not follow a running average, or a batch gives a leaf NaN or inf statistics
+        (naming the leaf).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> bn = nn.BatchNorm(use_running_average=False, momentum=0.9)

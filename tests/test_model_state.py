@@ -388,6 +388,24 @@ def test_reestimate_refuses_state_that_is_no_running_average():
     np.testing.assert_allclose(new["mean"], 2.0, rtol=1e-6)
 
 
+def test_reestimate_refuses_a_batch_that_gives_nan_statistics():
+    model, params, state, _ = _linen()
+
+    def update(s, x):
+        return model.apply({"params": params, **s}, x, train=True, mutable=["batch_stats"])[1]
+
+    good = [X[i : i + 4] for i in range(0, 16, 4)]
+    broken = np.asarray(good[2]).copy()
+    broken[0, 0, 0, 0] = np.nan
+    path = r"model_state\['batch_stats/BatchNorm_0/mean'\]: the batch statistics are NaN or inf"
+    # In a later batch (the first one is checked on its own): it must not average in silently.
+    with pytest.raises(ValueError, match=path + r" \(\d+ value\(s\) over the 4 batches\)"):
+        reestimate_batch_stats(update, state, [good[0], good[1], broken, good[3]])
+    # In the first batch: named as such, not as a state that is no running average.
+    with pytest.raises(ValueError, match=path + r" \(the first batch\)"):
+        reestimate_batch_stats(update, state, [broken, good[0]])
+
+
 # --- the round driver --------------------------------------------------------------------------
 
 
