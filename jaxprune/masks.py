@@ -217,7 +217,7 @@ def masks_for_sparsity(
     passes). The masks keep the params' sharding, and global scope sums counts across leaves
     and devices instead of gathering the weights. A few dozen passes more run over the entries
     tied at the threshold when a tie must be split. XLA's temporaries are about a tenth (layer
-    scope) to a half (global) of a byte per weight of the leaves being ranked, beside the masks
+    scope) to a quarter (global) of a byte per weight of the leaves being ranked, beside the masks
     themselves; on a split leaf in layer scope, each device holds up to half a byte per weight of
     the whole leaf while it is ranked (the shards' candidates). In layer scope the layers of concrete params that each lie on one device are
     ranked from up to 4 threads at once (see ``_concurrently``).
