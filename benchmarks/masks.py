@@ -30,7 +30,10 @@ before its bisection, a layer's candidate blocks sent uncompacted, the overflow 
 the gathered keys (runs 3-4 only), the counts placed in one call), four quiet runs (others' load 0.00-0.02
 cores): split 1.9x / 2.0x / 1.8x / 2.1x (layer) and 2.0x / 2.0x / 2.3x / 2.3x (global); one
 device 1.6x / 1.6x / 1.4x / 1.7x and 1.7x / 1.7x / 1.4x / 1.5x; two more runs of the split
-table alone, layer 1.9x / 1.8x and global 2.0x / 1.8x.
+table alone, layer 1.9x / 1.8x and global 2.0x / 1.8x. With global scope gathering a leaf's
+candidates again at each step of its search (masks plus temporaries 1.25 bytes per parameter,
+from 1.50), two runs: one device 1.6x / 1.8x (layer) and 1.8x / 1.7x (global), split 1.9x /
+2.0x and 1.9x / 2.0x.
 
     python benchmarks/masks.py            # 24 matrices of 2048x2048 (about 100M float32)
     python benchmarks/masks.py --quick    # 4 matrices of 512x512; the table at 65K and 1M
