@@ -257,11 +257,13 @@ def _among_candidates(leaves, prevs, placements, b: _Bracket, n_pruned, everywhe
     searched, an eighth of each shard's blocks at most, gathered on each shard: every entry in
     ``(lo, hi]`` (the ties at the threshold among them) lies in one and ``count(lo)`` is known,
     so the counts are exact. When the flagged blocks do not fit, ``everywhere`` (bisection over
-    all weights) answers instead. The gathering stays outside that ``cond``: inside a branch,
-    XLA's compile time grows faster than the number of leaves (minutes for 96 in global scope).
+    all weights) answers instead. Which blocks to gather is found outside that ``cond``: with
+    the whole gathering inside a branch, XLA's compile time grew faster than the number of
+    leaves (minutes for 96 in global scope).
 
     Ranked with others (global scope), a whole leaf's candidate blocks are gathered again at
-    each step of the search rather than held, each leaf's for all of them at once.
+    each step of the search rather than held, each leaf's for all of them at once (that
+    gathering is inside the branch: 96 leaves of 2**20 compiled in 31 s against 29 s before).
 
     A split leaf's shards send their candidates to every device, so the bisection needs no
     collective per step. Ranked alone (layer scope), a leaf's candidate blocks go as they are
