@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune._keys import _KEY_MAX, _bisect, _count, _keys
+from jaxprune._keys import _KEY_MAX, _bisect, _count, _keys, _sum_small
 
 if TYPE_CHECKING:
     from jaxprune._ranking import _Bracket
@@ -168,7 +168,7 @@ def _flagged(counts_lo: jax.Array, counts_hi: jax.Array, per: int) -> jax.Array:
 
 
 def _total(counts: tuple[jax.Array, ...]) -> jax.Array:
-    return functools.reduce(jnp.add, [jnp.sum(c, dtype=jnp.int32) for c in counts])
+    return functools.reduce(jnp.add, [_sum_small(c, tuple(range(c.ndim))) for c in counts])
 
 
 def _block_size(n: int) -> int:

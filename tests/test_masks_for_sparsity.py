@@ -323,6 +323,54 @@ def test_block_counts_flag_the_blocks_between_two_keys(n, counted, per, seed):
     assert [int(b) for b in bad] == ([] if extra is None else [np.sum(raw)])
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from([(5,), (300,), (16, 40), (512, 24), (256, 128), (7, 256, 9), (2, 512, 32)]),
+    st.data(),
+)
+def test_count_per_layer_and_per_slice(shape, data):
+    # Counting sums groups of 16, then of 8 along the minor dimension, as uint8 (at most 128
+    # each: no overflow even where every entry is set), then the rest exactly.
+    from jaxprune._keys import _count
+
+    axis = data.draw(st.sampled_from([None, *range(len(shape))]))
+    density = data.draw(st.sampled_from([0.0, 0.3, 1.0]))
+    x = np.random.default_rng(data.draw(st.integers(0, 99))).random(shape) < density
+    others = tuple(d for d in range(len(shape)) if d != axis)
+    got = jax.jit(_count, static_argnums=1)(x, axis)
+    assert got.dtype == np.int32
+    assert np.array_equal(np.asarray(got), np.sum(x, axis=others))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.sampled_from([(1,), (15,), (16,), (70_001,), (3, 17), (4, 2**16), (2, 2**16 + 1)]),
+    st.data(),
+)
+def test_small_counts_sum_exactly(shape, data):
+    # Counts of at most 255 summed without an int32 copy: sixteenths added as uint16, or rows
+    # summed in float32 (exact up to 2**16 counts a row), then int32.
+    from jaxprune._keys import _sum_small
+
+    axes = data.draw(st.sampled_from([tuple(range(len(shape))), (len(shape) - 1,)]))
+    top = data.draw(st.sampled_from([1, 128, 255]))
+    x = np.random.default_rng(0).integers(0, top + 1, size=shape).astype(np.uint8)
+    got = jax.jit(_sum_small, static_argnums=1)(x, axes)
+    assert np.array_equal(np.asarray(got), np.sum(x, axis=axes, dtype=np.int64))
+
+
+def test_small_counts_sum_exactly_past_float32s_integers():
+    # A total of 31 bits (2**23 counts, one short of 255 each): float32 would round it.
+    from jaxprune._keys import _sum_small
+
+    x = np.full((128, 2**16), 255, np.uint8)
+    x[77, 1234] = 254
+    want = 255 * x.size - 1
+    assert int(np.float32(want)) != want
+    assert int(jax.jit(_sum_small, static_argnums=1)(x, (0, 1))) == want
+    assert int(jax.jit(_sum_small, static_argnums=1)(x.reshape(-1), (0,))) == want
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("shape", [(3, 4), (256, 256)])  # the second: NaN counted in a first pass
 @pytest.mark.parametrize("value", [np.nan, -np.inf])

@@ -247,7 +247,7 @@ MASKS_SCRIPT = textwrap.dedent(
         for group, places in [((i,), (placements[i],)) for i in range(2)] + [((0, 1), placements)]:
             args = (tuple(leaves[i] for i in group), tuple(prevs[i] for i in group),
                     (None,) * len(group), np.int32(1000), places, True)
-            no_gather(jaxprune._ranking.ranked_keep, *args, label=(label, "big", group))
+            no_gather(jaxprune._ranking.compiled(places), *args, label=(label, "big", group))
         # A NaN in a split kernel (pruned there or not) is found by the first pass's counts.
         nan_b = big["B"]["kernel"].copy()
         nan_b[7, 9] = np.nan
