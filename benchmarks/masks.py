@@ -99,7 +99,41 @@ def scaling_table(sizes: list[int], repeats: int, sharded: bool = False) -> None
             + f"  {med['sparsity layer'] / base:13.1f}x / {med['sparsity global'] / base:.1f}x"
             + f"  {load.cores:7.2f} cores"
         )
+        if n == sizes[-1]:
+            layer, global_ = eager_memory(params)
+            print(
+                f"  eager calls at {size / 1e6:.1f}M, masks plus XLA's temporaries per local "
+                f"parameter: layer {layer:.3f}, global {global_:.3f} (compute_masks: 1.000)"
+            )
         del params
+
+
+def eager_memory(params: dict) -> tuple[float, float]:
+    """Masks plus XLA's temporaries per (local) parameter, for the rankings of an eager call.
+
+    ``masks_for_sparsity`` ranks each layer in a call of its own (layer scope) or every layer in
+    one (global); compiled as it compiles them (``jaxprune._ranking.compiled``, for the leaves'
+    placements), each call's temporaries come from XLA's memory analysis. Layer scope: every
+    mask plus the largest one call's temporaries (the layers here are alike).
+    """
+    from jaxprune._blocks import placements_of
+    from jaxprune._ranking import compiled
+
+    leaves = tuple(jax.tree.leaves(params))
+    placements = placements_of(leaves)
+    shards = jax.device_count() if placements and placements[0] is not None else 1
+    local = sum(x.size for x in leaves) // shards
+
+    def analysed(group: tuple, places: tuple) -> tuple[int, int]:
+        none = (None,) * len(group)
+        args = (group, none, none, jnp.int32(0.9 * sum(x.size for x in group)), places, True)
+        mem = compiled(places).lower(*args).compile().memory_analysis()
+        return mem.temp_size_in_bytes, mem.output_size_in_bytes
+
+    temp, out = analysed(leaves[:1], placements[:1])
+    layer = (temp + out * len(leaves)) / local
+    temp, out = analysed(leaves, placements)
+    return layer, (temp + out) / local
 
 
 def sizes_for(quick: bool) -> list[int]:

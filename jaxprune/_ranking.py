@@ -74,20 +74,40 @@ def _sample_keys(
     prevs: tuple[jax.Array | None, ...],
     axis: int | None,
     size: int,
+    placements: tuple[Placement, ...] | None = None,
 ) -> jax.Array:
-    """Keys of a strided sample of about ``size`` entries per ranked slice: ``(slices, m)``."""
+    """Keys of a strided sample of about ``size`` entries per ranked slice: ``(slices, m)``.
+
+    With ``placements`` (``axis`` None), a leaf split over a mesh is sampled on each shard, and
+    the split leaves' samples come to every device together, in one collective per mesh.
+    """
     total = sum(math.prod(x.shape) for x in leaves)
-    parts = []
-    for x, p in zip(leaves, prevs, strict=True):
+    whole: list[jax.Array] = []
+    split: dict = {}  # mesh: the split leaves' samples, a row per shard
+    for i, (x, p) in enumerate(zip(leaves, prevs, strict=True)):
         dims = [d for d in range(x.ndim) if d != axis]
         n = math.prod(x.shape[d] for d in dims)
         want = max(1, size * math.prod(x.shape) // total)
         step = max(1, math.floor((n / want) ** (1 / max(len(dims), 1))))
         index = tuple(slice(None) if d == axis else slice(None, None, step) for d in range(x.ndim))
-        key = _keys(x[index], None if p is None else p[index])
-        key = key.reshape(1, -1) if axis is None else jnp.moveaxis(key, axis, 0)
-        parts.append(key.reshape(key.shape[0], -1))
-    return jnp.concatenate(parts, axis=1)
+
+        def strided(x, *p, index=index):  # p: the leaf's previous mask, if any
+            return _keys(x[index], p[0][index] if p else None).reshape(-1)
+
+        placement = None if placements is None else placements[i]
+        args = (x,) if p is None else (x, p)
+        if placement is None:
+            key = _keys(x[index], None if p is None else p[index])
+            key = key.reshape(1, -1) if axis is None else jnp.moveaxis(key, axis, 0)
+            whole.append(key.reshape(key.shape[0], -1))
+        else:
+            rows = _per_shard(placement, strided, args, "l" * len(args))
+            split.setdefault(placement.mesh, []).append(rows)
+    for mesh, rows in split.items():  # (shards, m) each, split by rows: joined, then gathered
+        everyone = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        joined = jax.lax.with_sharding_constraint(jnp.concatenate(rows, axis=1), everyone)
+        whole.append(joined.reshape(1, -1))
+    return jnp.concatenate(whole, axis=1)
 
 
 class _Bracket(NamedTuple):
@@ -192,7 +212,7 @@ def _start(
     target: jax.Array,
     count_pair,
     count_first=None,
-    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    placements: tuple[Placement, ...] | None = None,
 ) -> _Bracket:
     """``b`` (the whole key range) narrowed where ``n`` is large, keeping its invariant.
 
@@ -200,16 +220,21 @@ def _start(
     rank either side of the target quantile (about 12 fewer bisection passes on smooth data,
     none lost when the sample misleads), then by two interpolation passes (about 4 fewer
     bisection passes again on 2**20 weights). ``count_first`` (default ``count_pair``) counts
-    in the first pass, so it can count more there. With ``mesh`` (leaves split over it), the
-    sample is copied to every device first: left split, its bisection would all-reduce at each
-    of its dozen steps (about 0.1 ms each on CPU devices).
+    in the first pass, so it can count more there. With ``placements`` (some leaf split over a
+    mesh), the sample is copied to every device first: left split, its bisection would
+    all-reduce at each of its dozen steps (about 0.1 ms each on CPU devices).
     """
     if n < _SAMPLE_FROM:
         return b
-    sample = _sample_keys(leaves, prevs, axis, min(_SAMPLE_MAX, 8 * math.isqrt(n)))
-    if mesh is not None:
-        everyone = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        sample = jax.lax.with_sharding_constraint(sample, everyone)
+    size = min(_SAMPLE_MAX, 8 * math.isqrt(n))
+    mesh = next((s.mesh for s in placements or () if s is not None), None)
+    if axis is None:
+        sample = _sample_keys(leaves, prevs, axis, size, placements)
+    else:  # a leaf ranked per slice: sampled as one array
+        sample = _sample_keys(leaves, prevs, axis, size)
+        if mesh is not None:
+            everyone = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            sample = jax.lax.with_sharding_constraint(sample, everyone)
     m = sample.shape[1]
     p = jnp.clip(target.astype(jnp.float32) / n, 0.0, 1.0)
     margin = 4.0 * jnp.sqrt(m * p * (1.0 - p)) + 2.0
@@ -352,8 +377,7 @@ def _ranked_keep(
         )
     counts_bad = nonfinite and gather
     first = functools.partial(count_pair, raw=True) if counts_bad else None
-    mesh = next((s.mesh for s in placements or () if s is not None), None)
-    b = _start(b, leaves, prevs, axis, n, n_pruned, count_pair, first, mesh)
+    b = _start(b, leaves, prevs, axis, n, n_pruned, count_pair, first, placements)
     if not nonfinite:
         found: tuple[jax.Array, ...] = ()
     elif counts_bad:

@@ -227,9 +227,17 @@ MASKS_SCRIPT = textwrap.dedent(
            "B": {"kernel": rng.normal(size=(256, 512)).astype(np.float32)}}
     cluster = rng.random((256, 512)) < 0.4
     big["B"]["kernel"][cluster] = 1.0 + rng.integers(0, 64, size=cluster.sum()) * 2.0**-23
+    # And 3072 ties, 2000 of them pruned: more than a shard's compacted candidates hold (global).
+    big["C"] = {"kernel": rng.normal(size=(256, 512)).astype(np.float32)}
+    big["C"]["kernel"][:6] = 0.5
     big_prev = jax.tree.map(lambda x: rng.random(x.shape) > 0.2, big)
+    mags = np.concatenate([np.abs(x).ravel() for x in jax.tree.leaves(big)])
+    alive = np.concatenate([x.ravel() for x in jax.tree.leaves(big_prev)])
+    at_ties = ((~alive).sum() + (alive & (mags < 0.5)).sum() + 2000) / mags.size
     want_big = {(scope, s): jaxprune.masks_for_sparsity(big, s, scope=scope, previous=big_prev)
                 for scope in ("layer", "global") for s in (0.5, 0.9)}
+    want_big["global", at_ties] = jaxprune.masks_for_sparsity(
+        big, at_ties, scope="global", previous=big_prev)
     sizes = [x.size for x in jax.tree.leaves(big)]
     for label, (mesh, kernel_spec) in meshes.items():
         sharded, prev_s = place(big, lambda x: kernel_spec), place(big_prev, lambda x: kernel_spec)
@@ -244,14 +252,14 @@ MASKS_SCRIPT = textwrap.dedent(
         # they are (an eighth of the kernel at most), global scope a compacted few: the ranking
         # compiled for the placed leaves gathers no whole kernel either way.
         leaves, prevs = tuple(jax.tree.leaves(sharded)), tuple(jax.tree.leaves(prev_s))
-        for group, places in [((i,), (placements[i],)) for i in range(2)] + [((0, 1), placements)]:
+        for group, places in [((i,), (placements[i],)) for i in range(2)] + [((0, 1), placements[:2])]:
             args = (tuple(leaves[i] for i in group), tuple(prevs[i] for i in group),
                     (None,) * len(group), np.int32(1000), places, True)
             no_gather(jaxprune._ranking.compiled(places), *args, label=(label, "big", group))
         # A NaN in a split kernel (pruned there or not) is found by the first pass's counts.
         nan_b = big["B"]["kernel"].copy()
         nan_b[7, 9] = np.nan
-        broken = place({"A": big["A"], "B": {"kernel": nan_b}}, lambda x: kernel_spec)
+        broken = place({**big, "B": {"kernel": nan_b}}, lambda x: kernel_spec)
         for scope in ("layer", "global"):
             try:
                 jaxprune.masks_for_sparsity(broken, 0.9, scope=scope, previous=prev_s)
