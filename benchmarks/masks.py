@@ -3,37 +3,22 @@
 Both run in the same process, interleaved (``measure.interleaved_medians``), so the printed ratio
 is robust to machine drift; beside it, the cores other processes kept busy meanwhile
 (``measure.Load``: /proc/stat, our own CPU time subtracted). Also prints XLA's memory analysis:
-the extra bytes per parameter that the masks cost.
+the masks plus XLA's temporaries per parameter, under jit.
 
 Then the scaling table: ``masks_for_sparsity`` (layer and global scope) beside ``compute_masks``
 at 1M / 10M / 100M parameters, each row with the others' load while it ran (one figure per row:
 /proc/stat counts in 10 ms ticks, too coarse for one call of the small trees); once on one
-device, once in a child process with two CPU devices and every kernel split by rows.
+device, once in a child process with two CPU devices and every kernel split by rows. At the
+smallest and largest tree, the memory of the eager calls' rankings, compiled as they run.
 
-Measured (2 shared cores, AMD EPYC, others' load 0.00-0.06 cores, two full runs), at 100.7M:
-on one device ``masks_for_sparsity`` took 2.1x / 2.2x ``compute_masks`` in layer scope and
-1.7x / 1.7x in global scope; with the kernels split over 2 CPU devices, 3.6x / 3.5x and 2.8x /
-2.4x. Before each counting pass also counted per block, one device read 2.4x / 2.3x. Two
-quiet runs on a later day: one device 2.2x / 2.8x (layer) and 2.4x / 2.2x (global), split
-3.3x / 3.3x and 2.6x / 2.5x; that day the first runs' code read 2.7x / 2.3x, so the machine
-moved, not the code. The issue's goal, 2x, held for global scope on one device on the first
-day only. Under jit, masks plus XLA's
-temporaries came to 1.10 (layer) and 1.50 (global) bytes per parameter. With the final pass comparing each key
-once, three quiet runs on a third day read 2.0x / 2.0x / 2.1x (layer) and 1.4x / 2.4x / 1.8x
-(global) on one device, 3.3-3.7x and 2.7-2.9x split. Later, with the NaN check riding in the
-first counting pass and the layers ranked from 4 threads at once (one device only), two quiet
-runs (others' load 0.00-0.02 cores) read 1.5x / 1.7x (layer) and 1.4x / 1.6x (global) on one
-device (two more runs of that table, layer / global: 1.8x / 1.7x and 1.6x / 1.6x), 2.9x / 3.4x and 1.6x / 2.4x
-split; compute_masks' NaN check became a count (a max of |w| dropped NaN), about 10% faster,
-which raised every ratio a little. Then, for split kernels (the sample copied to every device
-before its bisection, a layer's candidate blocks sent uncompacted, the overflow flag riding in
-the gathered keys (runs 3-4 only), the counts placed in one call), four quiet runs (others' load 0.00-0.02
-cores): split 1.9x / 2.0x / 1.8x / 2.1x (layer) and 2.0x / 2.0x / 2.3x / 2.3x (global); one
-device 1.6x / 1.6x / 1.4x / 1.7x and 1.7x / 1.7x / 1.4x / 1.5x; two more runs of the split
-table alone, layer 1.9x / 1.8x and global 2.0x / 1.8x. With global scope gathering a leaf's
-candidates again at each step of its search (masks plus temporaries 1.25 bytes per parameter,
-from 1.50), two runs: one device 1.6x / 1.8x (layer) and 1.8x / 1.7x (global), split 1.9x /
-2.0x and 1.9x / 2.0x.
+Two quiet runs on 2026-12-07 (2 shared cores, AMD EPYC, others' load 0.00-0.03 cores), at
+100.7M, ratio to ``compute_masks``: one device 1.6x / 1.6x (layer) and 1.7x / 1.8x (global);
+split over 2 devices 2.0x / 2.1x (layer) and 1.6x / 1.7x (global). Masks plus temporaries
+under jit: 1.05 (layer) and 1.02 (global) bytes per parameter, ``compute_masks`` 1.00. Eager,
+split: 1.005 and 1.031 per local parameter for the 96-layer tree; a tree of one 2**20 layer,
+1.52 (the layer's candidate blocks, which a split layer sends to every device uncompacted).
+The issue's history of these figures (from 5.7x / 16.3x before the sampled start) is in the
+README.
 
     python benchmarks/masks.py            # 24 matrices of 2048x2048 (about 100M float32)
     python benchmarks/masks.py --quick    # 4 matrices of 512x512; the table at 65K and 1M
@@ -99,7 +84,7 @@ def scaling_table(sizes: list[int], repeats: int, sharded: bool = False) -> None
             + f"  {med['sparsity layer'] / base:13.1f}x / {med['sparsity global'] / base:.1f}x"
             + f"  {load.cores:7.2f} cores"
         )
-        if n == sizes[-1]:
+        if n in (sizes[0], sizes[-1]):  # one layer, and the most
             layer, global_ = eager_memory(params)
             print(
                 f"  eager calls at {size / 1e6:.1f}M, masks plus XLA's temporaries per local "
