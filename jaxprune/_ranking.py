@@ -460,18 +460,6 @@ def compiled(placements: tuple[Placement, ...] | None):
     return _jitted_lean if split else _jitted
 
 
-def ranked_keep(
-    leaves: tuple[jax.Array, ...],
-    prevs: tuple[jax.Array | None, ...],
-    axes: tuple[int | None, ...],
-    n_pruned: jax.Array,
-    placements: tuple[Placement, ...] | None = None,
-    nonfinite: bool = False,
-) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    """:func:`_ranked_keep`, jitted (see :func:`compiled`)."""
-    return compiled(placements)(leaves, prevs, axes, n_pruned, placements, nonfinite)
-
-
 def check_countable(what: str, n: int) -> None:
     if n > _KEY_MAX:
         raise ValueError(

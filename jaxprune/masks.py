@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxprune._blocks import Placement, placements_of
 from jaxprune._options import QSpec, check_scalar, is_traced, per_slice, per_unit
-from jaxprune._ranking import check_countable, ranked_keep
+from jaxprune._ranking import check_countable, compiled
 from jaxprune._settle import settled
 from jaxprune._tree import (
     PyTree,
@@ -211,17 +211,17 @@ def masks_for_sparsity(
     all, the first of which also counts NaN and inf (the check that :func:`compute_masks` makes
     in a pass of its own; the error is raised once the masks are computed). A leaf split
     evenly over a mesh by a ``NamedSharding`` is treated so on each shard, and each shard's
-    candidates come to every device (one all-gather: in layer scope its flagged blocks, at most
-    an eighth of the leaf, in global scope only the entries in the range). Leaves sharded
-    otherwise, or traced with several devices present, need only reductions (about 16-20
-    passes). The masks keep the params' sharding, and global scope sums counts across leaves
-    and devices instead of gathering the weights. A few dozen passes more run over the entries
-    tied at the threshold when a tie must be split. XLA's temporaries are about a tenth (layer
-    scope) to a quarter (global) of a byte per weight of the leaves being ranked, beside the
-    masks themselves; on a split leaf in layer scope, each device holds up to half a byte per
-    weight of the whole leaf while it is ranked (the shards' candidates). In layer scope the
-    layers of concrete params that each lie on one device are ranked from up to 4 threads at
-    once (see ``_concurrently``).
+    candidates come to every device (one all-gather for all split leaves: in layer scope its
+    flagged blocks, at most an eighth of the leaf, in global scope only the entries in the
+    range). Leaves sharded otherwise, or traced with several devices present, need only
+    reductions (about 16-20 passes). The masks keep the params' sharding, and global scope sums
+    counts across leaves and devices instead of gathering the weights. A few dozen passes more
+    run over the entries tied at the threshold when a tie must be split. XLA's temporaries come
+    to 0.02-0.05 of a byte per weight at 100M parameters (about 150 KB a ranking, which shows
+    on small trees), beside the masks themselves; on a split leaf in layer scope, each device
+    holds up to half a byte per weight of the whole leaf while it is ranked (the shards'
+    candidates). In layer scope the layers of concrete params that each lie on one device are
+    ranked from up to 4 threads at once (see ``_concurrently``).
 
     Args:
       params: a pytree of parameters.
@@ -295,7 +295,7 @@ def masks_for_sparsity(
             place_of[p] = None if placements is None else placements[i]
         counts_of = _counts_placed(counts_of, place_of)
         leaf_of = dict(chosen)
-        jobs = {  # path: ranked_keep's arguments, one leaf each
+        jobs = {  # path: the ranking's arguments, one leaf each
             p: (
                 (leaf_of[p],),
                 (prev(p),),
@@ -317,13 +317,13 @@ def masks_for_sparsity(
     else:
         total = sum(leaf.size for _, leaf in chosen)
         check_countable("the prunable leaves together", total)
-        keeps, bad = ranked_keep(
+        keeps, bad = compiled(placements)(
             tuple(leaf for _, leaf in chosen),
             tuple(prev(p) for p, _ in chosen),
             (None,) * len(chosen),
             _as_int32([_pruned_count(sparsity, total)])[0],
             placements,
-            nonfinite=concrete,
+            concrete,
         )
         keep_of = {p: k for (p, _), k in zip(chosen, keeps, strict=True)}
         nonfinite.update(zip([p for p, _ in chosen], bad, strict=False))
@@ -356,8 +356,9 @@ def _counts_placed(counts: dict[str, Any], place_of: dict[str, Placement]) -> di
 
 
 def _ranked_settled(*job) -> Any:
-    """``ranked_keep(*job)``, waited for where the leaf lies over several CPU devices."""
-    return settled(ranked_keep(*job), job[0][0])
+    """The ranking ``job`` asks for, waited for where the leaf lies over several CPU devices."""
+    leaves, placements = job[0], job[4]
+    return settled(compiled(placements)(*job), leaves[0])
 
 
 def _concurrently(fn, jobs: list[tuple], threads: int = 4) -> list:
