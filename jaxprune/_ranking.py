@@ -447,17 +447,24 @@ _jitted = jax.jit(_ranked_keep, static_argnames=_STATIC)
 # XLA's CPU scheduler orders for concurrency by default: with leaves split over a mesh, it ran
 # every leaf's candidate gathering at once (2.1 bytes per local weight for 24 split leaves in
 # global scope, against 1.04 ordered for memory). Other backends ignore the option.
-_jitted_lean = jax.jit(
-    _ranked_keep,
-    static_argnames=_STATIC,
-    compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
-)
+_LEAN = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+_jitted_lean = jax.jit(_ranked_keep, static_argnames=_STATIC, compiler_options=_LEAN)
+
+
+@functools.cache
+def _lean_available() -> bool:
+    """Whether this jaxlib takes the option (a jaxlib that renamed it would refuse every call)."""
+    try:
+        jax.jit(lambda x: x, compiler_options=_LEAN).lower(jnp.zeros(())).compile()
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
 
 
 def compiled(placements: tuple[Placement, ...] | None):
     """The jitted :func:`_ranked_keep` for leaves so placed: ordered for memory if one is split."""
     split = placements is not None and any(s is not None for s in placements)
-    return _jitted_lean if split else _jitted
+    return _jitted_lean if split and _lean_available() else _jitted
 
 
 def check_countable(what: str, n: int) -> None:

@@ -371,6 +371,25 @@ def test_small_counts_sum_exactly_past_float32s_integers():
     assert int(jax.jit(_sum_small, static_argnums=1)(x.reshape(-1), (0,))) == want
 
 
+def test_a_jaxlib_without_the_memory_ordered_scheduler_still_ranks_split_leaves(monkeypatch):
+    # Rankings with a split leaf compile with an XLA option; a jaxlib that does not know it
+    # (it refuses every compile that names it) gets the default compile instead.
+    from jax.sharding import Mesh, PartitionSpec
+
+    from jaxprune import _ranking
+    from jaxprune._blocks import Split
+
+    split = (Split(Mesh(np.array(jax.devices()[:1]), ("x",)), PartitionSpec("x")),)
+    assert _ranking.compiled(split) is _ranking._jitted_lean
+    assert _ranking.compiled((None,)) is _ranking._jitted
+    monkeypatch.setattr(_ranking, "_LEAN", {"xla_cpu_no_such_option": "x"})
+    _ranking._lean_available.cache_clear()
+    try:
+        assert _ranking.compiled(split) is _ranking._jitted
+    finally:
+        _ranking._lean_available.cache_clear()
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("shape", [(3, 4), (256, 256)])  # the second: NaN counted in a first pass
 @pytest.mark.parametrize("value", [np.nan, -np.inf])
