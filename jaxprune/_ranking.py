@@ -95,12 +95,12 @@ def _sample_keys(
             return _keys(x[index], p[0][index] if p else None).reshape(-1)
 
         placement = None if placements is None else placements[i]
-        args = (x,) if p is None else (x, p)
         if placement is None:
             key = _keys(x[index], None if p is None else p[index])
             key = key.reshape(1, -1) if axis is None else jnp.moveaxis(key, axis, 0)
             whole.append(key.reshape(key.shape[0], -1))
         else:
+            args = (x,) if p is None else (x, p)
             rows = _per_shard(placement, strided, args, "l" * len(args))
             split.setdefault(placement.mesh, []).append(rows)
     for mesh, rows in split.items():  # (shards, m) each, split by rows: joined, then gathered
