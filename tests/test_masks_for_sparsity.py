@@ -323,6 +323,37 @@ def test_block_counts_flag_the_blocks_between_two_keys(n, counted, per, seed):
     assert [int(b) for b in bad] == ([] if extra is None else [np.sum(raw)])
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([16, 128]), st.integers(0, 2**32 - 1))
+def test_candidate_pieces_hold_every_key_in_the_bracket_or_say_they_do_not_fit(size, seed):
+    # A split leaf's candidates: of the flagged blocks, the pieces of 16 entries holding keys
+    # in (lo, hi]. They hold exactly those keys when they fit, and they fit whenever at most
+    # `cap` keys lie in the bracket (and so at most `cap` blocks or pieces hold one).
+    from jaxprune._blocks import _KEY_MAX, _candidate_keys
+    from jaxprune._keys import _keys
+
+    rng = np.random.default_rng(seed)
+    blocks, cap = 64, int(rng.choice([2, 8, 16]))
+    x = rng.normal(size=blocks * size).astype(np.float32)
+    if seed % 3 == 0:  # runs of equal magnitudes, so a block may hold many keys of the bracket
+        x = np.round(x * 4) / 4
+    prev = rng.random(x.size) > 0.2 if seed % 2 else None
+    key = np.asarray(_keys(x, prev))
+    ranked = np.sort(key)  # a bracket of about 0 to 3 * cap entries
+    start = int(rng.integers(0, key.size))
+    lo, hi = ranked[start], ranked[min(start + int(rng.integers(0, 3 * cap)), key.size - 1)]
+    inside = (key > lo) & (key <= hi)
+    flags = inside.reshape(blocks, size).any(axis=1)
+    candidates = jax.jit(_candidate_keys, static_argnums=(5, 6, 7))
+    got, fits = candidates(x, prev, flags, np.int32(lo), np.int32(hi), size, cap, True)
+    got = np.asarray(got)
+    assert got.shape == (cap, min(size, 16))
+    if inside.sum() <= cap:
+        assert bool(fits)
+    if bool(fits):
+        assert sorted(got[got != _KEY_MAX].tolist()) == sorted(key[inside].tolist())
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     st.sampled_from([(5,), (300,), (16, 40), (512, 24), (256, 128), (7, 256, 9), (2, 512, 32)]),
