@@ -11,12 +11,13 @@ at 1M / 10M / 100M parameters, each row with the others' load while it ran (one 
 device, once in a child process with two CPU devices and every kernel split by rows. At the
 smallest and largest tree, the memory of the eager calls' rankings, compiled as they run.
 
-Three quiet runs on 2026-12-07 (2 shared cores, AMD EPYC, others' load 0.00-0.03 cores), at
-100.7M, ratio to ``compute_masks``: one device 1.6x / 1.6x / 1.7x (layer) and 1.7x / 1.8x /
-1.8x (global); split over 2 devices 2.0x / 2.1x / 2.2x (layer) and 1.6x / 1.7x / 1.6x (global). Masks plus temporaries
-under jit: 1.05 (layer) and 1.02 (global) bytes per parameter, ``compute_masks`` 1.00. Eager,
-split: 1.005 and 1.031 per local parameter for the 96-layer tree; a tree of one 2**20 layer,
-1.52 (the layer's candidate blocks, which a split layer sends to every device uncompacted).
+Three quiet runs on 2026-12-08 (2 shared cores, AMD EPYC, others' load 0.00-0.03 cores), at
+100.7M, ratio to ``compute_masks``: one device 1.6x / 1.5x / 1.5x (layer) and 1.7x / 1.7x /
+1.5x (global); split over 2 devices 1.7x / 1.6x / 2.0x (layer) and 1.0x / 1.0x / 1.2x
+(global). Masks plus temporaries under jit: 1.05 (layer) and 1.02 (global) bytes per
+parameter, ``compute_masks`` 1.00. Eager, split: 1.002 and 1.031 per local parameter for the
+96-layer tree; a tree of one 2**20 layer, 1.22 (the pieces of the layer's candidate blocks
+that a split layer sends to every device).
 The issue's history of these figures (from 5.7x / 16.3x before the sampled start) is in the
 README.
 
